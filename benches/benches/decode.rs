@@ -1,0 +1,88 @@
+//! Decode throughput of the LLM stage over the real HTTP path, at several concurrencies.
+//!
+//! Starts an in-process server on the tiny checkpoints (or `OMNISTAGE_BENCH_MODEL=DIR`), then for
+//! each concurrency C runs C closed-loop clients, each sending chat requests for exactly
+//! `OMNISTAGE_BENCH_TOKENS` (default 64) tokens, for `OMNISTAGE_BENCH_REQUESTS` (default 2 × C, at
+//! least 4) requests in all. Reports generated tokens per second and the ratio to concurrency 1.
+//!
+//! Run: `cargo bench -p omnistage-benches --bench decode`
+
+use omnistage::app::{ServeOptions, Server};
+use omnistage_stages::deploy::DeployGraph;
+use serde_json::json;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+fn env_usize(name: &str, default: usize) -> usize {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+async fn run_level(client: &reqwest::Client, url: &str, concurrency: usize, requests: usize, tokens: usize) -> (usize, Duration) {
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..concurrency {
+        let (client, url, next) = (client.clone(), url.to_string(), next.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut generated = 0;
+            loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if i >= requests {
+                    return generated;
+                }
+                let body = json!({
+                    "messages": [{"role": "user", "content": format!("benchmark request {i}: tell me something")}],
+                    "max_tokens": tokens, "temperature": 0, "ignore_eos": true,
+                });
+                let resp: serde_json::Value = client.post(&url).json(&body).send().await.expect("send").json().await.expect("json");
+                generated += resp["usage"]["completion_tokens"].as_u64().expect("usage") as usize;
+            }
+        }));
+    }
+    let mut total = 0;
+    for t in tasks {
+        total += t.await.expect("client task");
+    }
+    (total, start.elapsed())
+}
+
+fn main() {
+    let models = tempfile::tempdir().expect("temp dir");
+    let model_dir: PathBuf = match std::env::var_os("OMNISTAGE_BENCH_MODEL") {
+        Some(dir) => PathBuf::from(dir),
+        None => {
+            omnistage_engines::tiny::make_tiny(models.path(), 0).expect("make tiny");
+            models.path().join("tiny-omni/thinker")
+        }
+    };
+    let tokens = env_usize("OMNISTAGE_BENCH_TOKENS", 64);
+    let toml = format!(
+        "name = \"bench\"\n[[stage]]\nid = \"llm\"\nkind = \"llm\"\nmodel = \"{}\"\nmax_batch_size = 64\nmax_queue = 1024\n[outputs]\ntext = \"llm\"\n",
+        model_dir.display()
+    );
+    let graph = DeployGraph::from_toml_str(&toml, Path::new("bench.toml"), Path::new("."), &[]).expect("graph");
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
+    rt.block_on(async {
+        let options = ServeOptions { addr: "127.0.0.1:0".parse().unwrap(), request_timeout: Duration::from_secs(3600) };
+        let server = Server::start(graph, options).await.expect("server");
+        server.wait_ready(Duration::from_secs(600)).await.expect("ready");
+        let url = format!("http://{}/v1/chat/completions", server.addr);
+        let client = reqwest::Client::new();
+        // Warm-up.
+        run_level(&client, &url, 1, 1, 8).await;
+        println!("model: {}", model_dir.display());
+        println!("tokens per request: {tokens}");
+        println!("{:>11} {:>9} {:>10} {:>10} {:>12}", "concurrency", "requests", "tokens", "seconds", "tokens/s");
+        let mut base = None;
+        for c in [1usize, 8, 32, 64] {
+            let requests = env_usize("OMNISTAGE_BENCH_REQUESTS", (2 * c).max(4));
+            let (total, elapsed) = run_level(&client, &url, c, requests, tokens).await;
+            let rate = total as f64 / elapsed.as_secs_f64();
+            let ratio = base.map_or(1.0, |b: f64| rate / b);
+            base.get_or_insert(rate);
+            println!("{c:>11} {requests:>9} {total:>10} {:>10.2} {rate:>12.1}  ({ratio:.2}x of concurrency 1)", elapsed.as_secs_f64());
+        }
+        server.abort();
+    });
+}

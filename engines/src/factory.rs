@@ -1,0 +1,54 @@
+//! Builds the engine a stage of the deployment file asks for.
+
+use crate::llm::engine::{LlmEngine, LlmEngineSettings};
+use omnistage_stages::deploy::{DType, DeviceSpec, StageKind, StageSpec};
+use omnistage_stages::{PayloadKind, StageEngine};
+
+/// Why a stage's engine could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error("stage `{stage}`: device {device}: {message}")]
+    Device { stage: String, device: String, message: String },
+    #[error("stage `{stage}`: {message}")]
+    Load { stage: String, message: String },
+    #[error("stage `{stage}`: stage kind `{kind}` has no engine in this build yet; only `llm` stages can run")]
+    UnsupportedKind { stage: String, kind: String },
+}
+
+/// The candle device for a stage's device setting.
+pub fn candle_device(stage: &str, spec: DeviceSpec) -> Result<candle_core::Device, BuildError> {
+    match spec {
+        DeviceSpec::Cpu => Ok(candle_core::Device::Cpu),
+        DeviceSpec::Cuda(n) => candle_core::Device::new_cuda(n).map_err(|e| BuildError::Device {
+            stage: stage.to_string(),
+            device: format!("cuda:{n}"),
+            message: e.to_string(),
+        }),
+    }
+}
+
+pub fn candle_dtype(dtype: DType) -> candle_core::DType {
+    match dtype {
+        DType::F32 => candle_core::DType::F32,
+        DType::Bf16 => candle_core::DType::BF16,
+        DType::F16 => candle_core::DType::F16,
+    }
+}
+
+/// Loads the engine for one replica of `spec`.
+pub fn build_engine(spec: &StageSpec) -> Result<Box<dyn StageEngine>, BuildError> {
+    match spec.kind {
+        StageKind::Llm => {
+            let device = candle_device(&spec.id, spec.device)?;
+            let settings = LlmEngineSettings {
+                max_model_len: spec.max_model_len,
+                sampling: spec.sampling.clone(),
+                emit_hidden: spec.outputs.contains(&PayloadKind::Hidden),
+            };
+            let engine = LlmEngine::load(&spec.model, candle_dtype(spec.dtype), &device, settings)
+                .map_err(|e| BuildError::Load { stage: spec.id.clone(), message: e.to_string() })?;
+            Ok(Box::new(engine))
+        }
+        other => Err(BuildError::UnsupportedKind { stage: spec.id.clone(), kind: format!("{other:?}").to_lowercase() }),
+    }
+}

@@ -1,0 +1,12 @@
+//! Autoregressive LLMs of the Llama / Qwen2 / Qwen3 family with a KV cache and position per
+//! sequence, so sequences join and leave a running batch at any step.
+
+pub mod chat_template;
+pub mod config;
+pub mod engine;
+pub mod generation_config;
+pub mod model;
+pub mod sampling;
+pub mod stop;
+pub mod tokenizer;
+pub mod weights;

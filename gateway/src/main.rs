@@ -1,0 +1,97 @@
+//! The `omnistage` command line: serve a stage graph, check a deployment file, make tiny
+//! checkpoints.
+
+use clap::{Parser, Subcommand};
+use omnistage::app::{load_deployment, ServeOptions, Server};
+use omnistage_stages::deploy::DeployGraph;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+#[derive(Parser)]
+#[command(name = "omnistage", version, about = "Serve any-to-any multimodal models as a graph of batched stages")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve a deployment over an OpenAI-compatible HTTP API (no file: the embedded tiny default).
+    Serve {
+        /// Deployment TOML; omitted = the embedded default (deploy/tiny-omni.toml).
+        deploy: Option<PathBuf>,
+        #[arg(long, default_value = "127.0.0.1")]
+        host: String,
+        #[arg(long, default_value_t = 8000)]
+        port: u16,
+        /// Per-request deadline in seconds.
+        #[arg(long, default_value_t = 600)]
+        request_timeout: u64,
+    },
+    /// Validate a deployment file and print its graph as text and Graphviz DOT.
+    Check {
+        file: PathBuf,
+        /// Skip checking that model directories exist.
+        #[arg(long)]
+        no_models: bool,
+    },
+    /// Write seeded random-weight checkpoints in the real Hugging Face layouts.
+    MakeTiny {
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Serve { deploy, host, port, request_timeout } => serve(deploy, host, port, request_timeout),
+        Command::Check { file, no_models } => check(file, no_models),
+        Command::MakeTiny { out, seed } => omnistage_engines::tiny::make_tiny(&out, seed)
+            .map(|m| {
+                for f in m.files() {
+                    println!("{}", f.display());
+                }
+            })
+            .map_err(|e| e.to_string()),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn check(file: PathBuf, no_models: bool) -> Result<(), String> {
+    let graph = DeployGraph::load(&file).map_err(|e| e.to_string())?;
+    if !no_models {
+        graph.check_models().map_err(|e| e.to_string())?;
+    }
+    println!("{}", graph.to_text());
+    println!("{}", graph.to_dot());
+    Ok(())
+}
+
+fn serve(deploy: Option<PathBuf>, host: String, port: u16, request_timeout: u64) -> Result<(), String> {
+    let addr: SocketAddr = format!("{host}:{port}").parse().map_err(|e| format!("bad --host/--port `{host}:{port}`: {e}"))?;
+    let graph = load_deployment(deploy.as_deref()).map_err(|e| e.to_string())?;
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(|e| e.to_string())?;
+    runtime.block_on(async move {
+        let options = ServeOptions { addr, request_timeout: Duration::from_secs(request_timeout) };
+        let server = Server::start(graph, options).await.map_err(|e| e.to_string())?;
+        tracing::info!("omnistage listening on http://{}", server.addr);
+        server.run().await.map_err(|e| e.to_string())
+    })
+}

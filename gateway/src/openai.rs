@@ -1,0 +1,327 @@
+//! OpenAI-compatible request and response shapes, and their translation into jobs.
+
+use omnistage_stages::{ChatMessage, Modality, SamplingParams};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// Largest `max_tokens` a request may ask for (the stage also caps it by the model's length).
+pub const MAX_TOKENS_LIMIT: usize = 1 << 20;
+
+/// An error in OpenAI's shape: `{"error": {"message", "type", "param", "code"}}`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ApiErrorBody {
+    pub message: String,
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub param: Option<String>,
+    pub code: Option<String>,
+}
+
+/// A request the gateway refuses, with what to tell the client.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BadRequest {
+    pub message: String,
+    pub param: Option<String>,
+}
+
+impl BadRequest {
+    pub fn new(param: &str, message: impl Into<String>) -> Self {
+        Self { message: message.into(), param: Some(param.to_string()) }
+    }
+}
+
+/// `stop`: a string or a list of strings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum StopField {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl StopField {
+    fn into_vec(self) -> Vec<String> {
+        match self {
+            StopField::One(s) => vec![s],
+            StopField::Many(v) => v,
+        }
+    }
+}
+
+/// Sampling fields shared by chat and text completions (OpenAI's plus vLLM-style extras).
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct SamplingFields {
+    pub max_tokens: Option<i64>,
+    pub max_completion_tokens: Option<i64>,
+    pub temperature: Option<f64>,
+    pub top_p: Option<f64>,
+    pub top_k: Option<i64>,
+    pub seed: Option<u64>,
+    pub stop: Option<StopField>,
+    pub stop_token_ids: Option<Vec<u32>>,
+    pub repetition_penalty: Option<f32>,
+    pub presence_penalty: Option<f64>,
+    pub frequency_penalty: Option<f64>,
+    pub ignore_eos: Option<bool>,
+    pub n: Option<i64>,
+    pub logprobs: Option<Value>,
+}
+
+impl SamplingFields {
+    /// Checks ranges and builds the job's sampling parameters.
+    pub fn to_params(&self) -> Result<SamplingParams, BadRequest> {
+        let max_tokens = match self.max_completion_tokens.or(self.max_tokens) {
+            None => None,
+            Some(n) if n >= 1 && (n as usize) <= MAX_TOKENS_LIMIT => Some(n as usize),
+            Some(n) => return Err(BadRequest::new("max_tokens", format!("max_tokens must be between 1 and {MAX_TOKENS_LIMIT}, got {n}"))),
+        };
+        if let Some(t) = self.temperature {
+            if !(0.0..=2.0).contains(&t) || t.is_nan() {
+                return Err(BadRequest::new("temperature", format!("temperature must be between 0 and 2, got {t}")));
+            }
+        }
+        if let Some(p) = self.top_p {
+            if !(p > 0.0 && p <= 1.0) {
+                return Err(BadRequest::new("top_p", format!("top_p must be in (0, 1], got {p}")));
+            }
+        }
+        let top_k = match self.top_k {
+            None | Some(-1) | Some(0) => None,
+            Some(k) if k > 0 => Some(k as usize),
+            Some(k) => return Err(BadRequest::new("top_k", format!("top_k must be -1, 0 or positive, got {k}"))),
+        };
+        if let Some(r) = self.repetition_penalty {
+            if !(r > 0.0 && r <= 10.0) {
+                return Err(BadRequest::new("repetition_penalty", format!("repetition_penalty must be in (0, 10], got {r}")));
+            }
+        }
+        for (name, v) in [("presence_penalty", self.presence_penalty), ("frequency_penalty", self.frequency_penalty)] {
+            if v.is_some_and(|v| v != 0.0) {
+                return Err(BadRequest::new(name, format!("{name} is not supported; use repetition_penalty")));
+            }
+        }
+        if let Some(n) = self.n {
+            if n != 1 {
+                return Err(BadRequest::new("n", format!("only n = 1 is supported, got {n}")));
+            }
+        }
+        if self.logprobs.as_ref().is_some_and(|v| !v.is_null() && *v != Value::Bool(false) && *v != Value::from(0)) {
+            return Err(BadRequest::new("logprobs", "logprobs are not supported"));
+        }
+        let stop = self.stop.clone().map(StopField::into_vec).unwrap_or_default();
+        if stop.len() > 16 {
+            return Err(BadRequest::new("stop", "at most 16 stop strings are allowed"));
+        }
+        Ok(SamplingParams {
+            temperature: self.temperature,
+            top_p: self.top_p,
+            top_k,
+            seed: self.seed,
+            max_tokens,
+            repetition_penalty: self.repetition_penalty,
+            stop,
+            stop_token_ids: self.stop_token_ids.clone().unwrap_or_default(),
+            ignore_eos: self.ignore_eos.unwrap_or(false),
+        })
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct StreamOptions {
+    #[serde(default)]
+    pub include_usage: bool,
+}
+
+/// Message content: a string or a list of content parts.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum MessageContent {
+    Text(String),
+    Parts(Vec<ContentPart>),
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct ContentPart {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub text: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct RequestMessage {
+    pub role: String,
+    pub content: Option<MessageContent>,
+}
+
+/// `POST /v1/chat/completions`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ChatCompletionRequest {
+    pub model: Option<String>,
+    pub messages: Vec<RequestMessage>,
+    #[serde(default)]
+    pub stream: bool,
+    pub stream_options: Option<StreamOptions>,
+    pub modalities: Option<Vec<String>>,
+    #[serde(flatten)]
+    pub sampling: SamplingFields,
+}
+
+impl ChatCompletionRequest {
+    pub fn chat_messages(&self) -> Result<Vec<ChatMessage>, BadRequest> {
+        if self.messages.is_empty() {
+            return Err(BadRequest::new("messages", "messages must not be empty"));
+        }
+        let mut out = Vec::with_capacity(self.messages.len());
+        for (i, m) in self.messages.iter().enumerate() {
+            if !matches!(m.role.as_str(), "system" | "developer" | "user" | "assistant" | "tool") {
+                return Err(BadRequest::new(&format!("messages[{i}].role"), format!("unknown role `{}`", m.role)));
+            }
+            let content = match &m.content {
+                None => String::new(),
+                Some(MessageContent::Text(t)) => t.clone(),
+                Some(MessageContent::Parts(parts)) => {
+                    let mut text = String::new();
+                    for (j, p) in parts.iter().enumerate() {
+                        match (p.kind.as_str(), &p.text) {
+                            ("text", Some(t)) => text.push_str(t),
+                            ("text", None) => {
+                                return Err(BadRequest::new(&format!("messages[{i}].content[{j}].text"), "a text part needs `text`"))
+                            }
+                            (other, _) => {
+                                return Err(BadRequest::new(
+                                    &format!("messages[{i}].content[{j}].type"),
+                                    format!("content part type `{other}` is not supported by this deployment; only `text` parts are"),
+                                ))
+                            }
+                        }
+                    }
+                    text
+                }
+            };
+            let role = if m.role == "developer" { "system".to_string() } else { m.role.clone() };
+            out.push(ChatMessage { role, content });
+        }
+        Ok(out)
+    }
+
+    pub fn output_modalities(&self) -> Result<Vec<Modality>, BadRequest> {
+        parse_modalities(self.modalities.as_deref())
+    }
+}
+
+/// Reads `modalities`; default text.
+pub fn parse_modalities(list: Option<&[String]>) -> Result<Vec<Modality>, BadRequest> {
+    let Some(list) = list else { return Ok(vec![Modality::Text]) };
+    if list.is_empty() {
+        return Err(BadRequest::new("modalities", "modalities must not be empty"));
+    }
+    let mut out = Vec::new();
+    for m in list {
+        let modality = match m.as_str() {
+            "text" => Modality::Text,
+            "image" => Modality::Image,
+            "audio" => Modality::Audio,
+            other => return Err(BadRequest::new("modalities", format!("unknown modality `{other}`; use text, image or audio"))),
+        };
+        if !out.contains(&modality) {
+            out.push(modality);
+        }
+    }
+    Ok(out)
+}
+
+/// `prompt` of `/v1/completions`: a string or a one-element list.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum PromptField {
+    One(String),
+    Many(Vec<String>),
+}
+
+/// `POST /v1/completions`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct CompletionRequest {
+    pub model: Option<String>,
+    pub prompt: PromptField,
+    #[serde(default)]
+    pub stream: bool,
+    pub stream_options: Option<StreamOptions>,
+    pub echo: Option<bool>,
+    #[serde(flatten)]
+    pub sampling: SamplingFields,
+}
+
+impl CompletionRequest {
+    pub fn prompt_text(&self) -> Result<String, BadRequest> {
+        if self.echo == Some(true) {
+            return Err(BadRequest::new("echo", "echo is not supported"));
+        }
+        match &self.prompt {
+            PromptField::One(s) => Ok(s.clone()),
+            PromptField::Many(v) if v.len() == 1 => Ok(v[0].clone()),
+            PromptField::Many(v) => Err(BadRequest::new("prompt", format!("exactly one prompt per request is supported, got {}", v.len()))),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
+pub struct UsageBody {
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
+    pub total_tokens: usize,
+}
+
+impl From<omnistage_stages::Usage> for UsageBody {
+    fn from(u: omnistage_stages::Usage) -> Self {
+        Self { prompt_tokens: u.prompt_tokens, completion_tokens: u.completion_tokens, total_tokens: u.prompt_tokens + u.completion_tokens }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chat(json: &str) -> ChatCompletionRequest {
+        serde_json::from_str(json).unwrap()
+    }
+
+    #[test]
+    fn parses_string_and_part_contents() {
+        let r = chat(r#"{"model":"m","messages":[{"role":"system","content":"be brief"},{"role":"user","content":[{"type":"text","text":"hi "},{"type":"text","text":"there"}]}]}"#);
+        let m = r.chat_messages().unwrap();
+        assert_eq!(m[1].content, "hi there");
+        assert_eq!(r.output_modalities().unwrap(), vec![Modality::Text]);
+    }
+
+    #[test]
+    fn rejects_out_of_range_sampling() {
+        let bad = [
+            (r#""temperature":3"#, "temperature"),
+            (r#""top_p":0"#, "top_p"),
+            (r#""max_tokens":0"#, "max_tokens"),
+            (r#""n":2"#, "n"),
+            (r#""top_k":-5"#, "top_k"),
+            (r#""presence_penalty":0.5"#, "presence_penalty"),
+        ];
+        for (field, param) in bad {
+            let r = chat(&format!(r#"{{"messages":[{{"role":"user","content":"x"}}],{field}}}"#));
+            let err = r.sampling.to_params().unwrap_err();
+            assert_eq!(err.param.as_deref(), Some(param), "{field}");
+        }
+    }
+
+    #[test]
+    fn stop_accepts_string_or_list() {
+        let r = chat(r#"{"messages":[{"role":"user","content":"x"}],"stop":"END","temperature":0}"#);
+        assert_eq!(r.sampling.to_params().unwrap().stop, vec!["END".to_string()]);
+        let r = chat(r#"{"messages":[{"role":"user","content":"x"}],"stop":["a","b"]}"#);
+        assert_eq!(r.sampling.to_params().unwrap().stop.len(), 2);
+    }
+
+    #[test]
+    fn rejects_unknown_roles_parts_and_modalities() {
+        assert!(chat(r#"{"messages":[{"role":"wizard","content":"x"}]}"#).chat_messages().is_err());
+        assert!(chat(r#"{"messages":[{"role":"user","content":[{"type":"image_url"}]}]}"#).chat_messages().is_err());
+        assert!(chat(r#"{"messages":[{"role":"user","content":"x"}],"modalities":["smell"]}"#).output_modalities().is_err());
+        assert!(chat(r#"{"messages":[]}"#).chat_messages().is_err());
+    }
+}

@@ -1,0 +1,129 @@
+//! Turns a validated deployment into running stages and an orchestrator, and reports each stage's
+//! state for `/health`.
+
+use crate::metrics::Metrics;
+use crate::orchestrator::{EventRoutes, Orchestrator, RuntimeEdge};
+use crate::pool::StagePool;
+use omnistage_connectors::connector_for;
+use omnistage_scheduler::{spawn_stage, BatchLimits};
+use omnistage_stages::deploy::DeployGraph;
+use serde_json::{json, Value};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+/// A stage's loading state as `/health` reports it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum StageState {
+    Loading,
+    Ready,
+    Failed(String),
+}
+
+/// Why the runtime could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    #[error(transparent)]
+    Build(#[from] omnistage_engines::factory::BuildError),
+    #[error("edge {edge}: {message}")]
+    Edge { edge: String, message: String },
+}
+
+/// Holds the orchestrator once every stage is loaded; readable while loading.
+#[derive(Default)]
+pub struct RuntimeSlot {
+    orchestrator: OnceLock<Arc<Orchestrator>>,
+    states: Mutex<Vec<(String, StageState)>>,
+}
+
+impl RuntimeSlot {
+    pub fn new(graph: &DeployGraph) -> Self {
+        let states = graph.stages.iter().map(|s| (s.id.clone(), StageState::Loading)).collect();
+        Self { orchestrator: OnceLock::new(), states: Mutex::new(states) }
+    }
+
+    pub fn orchestrator(&self) -> Option<Arc<Orchestrator>> {
+        self.orchestrator.get().cloned()
+    }
+
+    fn set_state(&self, stage: &str, state: StageState) {
+        let mut states = self.states.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(entry) = states.iter_mut().find(|(id, _)| id == stage) {
+            entry.1 = state;
+        }
+    }
+
+    /// Whether every stage is ready, and each stage's state with its queue figures.
+    pub fn health(&self) -> (bool, Value) {
+        let states = self.states.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let orch = self.orchestrator();
+        let mut ready = orch.is_some();
+        let mut out = serde_json::Map::new();
+        for (id, state) in states {
+            let mut entry = match &state {
+                StageState::Loading => json!({"state": "loading"}),
+                StageState::Ready => json!({"state": "ready"}),
+                StageState::Failed(m) => json!({"state": "failed", "error": m}),
+            };
+            ready &= state == StageState::Ready;
+            if let Some(pool) = orch.as_ref().and_then(|o| o.stages().iter().find(|p| p.id() == id)) {
+                let stats = pool.stats();
+                entry["replicas"] = json!(stats.len());
+                entry["waiting"] = json!(stats.iter().map(|s| s.waiting).sum::<usize>());
+                entry["running"] = json!(stats.iter().map(|s| s.running).sum::<usize>());
+            }
+            out.insert(id, entry);
+        }
+        (ready, Value::Object(out))
+    }
+}
+
+/// Loads every stage's engines, starts their threads and publishes the orchestrator in `slot`.
+pub fn start(graph: DeployGraph, metrics: Arc<Metrics>, slot: &RuntimeSlot) -> Result<Arc<Orchestrator>, RuntimeError> {
+    let routes: EventRoutes = Arc::new(dashmap::DashMap::new());
+    let mut edges = Vec::new();
+    for e in &graph.edges {
+        let label = format!("{}->{}", e.from, e.to);
+        let connector =
+            connector_for(e.connector).map_err(|err| RuntimeError::Edge { edge: label.clone(), message: err.to_string() })?;
+        let index = |id: &str| graph.stages.iter().position(|s| s.id == id);
+        let (Some(from), Some(to)) = (index(&e.from), index(&e.to)) else {
+            return Err(RuntimeError::Edge { edge: label, message: "names an unknown stage".into() });
+        };
+        edges.push(RuntimeEdge { from, to, carries: e.carries, label, connector });
+    }
+    let mut pools = Vec::new();
+    for (index, spec) in graph.stages.iter().enumerate() {
+        let mut replicas = Vec::new();
+        for replica in 0..spec.replicas {
+            let engine = match omnistage_engines::factory::build_engine(spec) {
+                Ok(e) => e,
+                Err(err) => {
+                    slot.set_state(&spec.id, StageState::Failed(err.to_string()));
+                    return Err(err.into());
+                }
+            };
+            let limits = BatchLimits {
+                max_batch_size: spec.max_batch_size,
+                max_batched_tokens: spec.max_batched_tokens,
+                max_wait: Duration::from_millis(spec.max_wait_ms),
+                max_queue: spec.max_queue,
+            };
+            let routes = routes.clone();
+            let sink = Arc::new(move |job, event| {
+                if let Some(tx) = routes.get(&job) {
+                    // The job's task may have just ended; then nobody wants the event.
+                    let _ = tx.send((index, event));
+                }
+            });
+            let observer = Arc::new(metrics.stage_observer(&spec.id, replica));
+            let name = format!("stage-{}-{}", spec.id, replica);
+            replicas.push(spawn_stage(name, engine, limits, observer, sink));
+        }
+        tracing::info!(stage = %spec.id, replicas = spec.replicas, "stage ready");
+        slot.set_state(&spec.id, StageState::Ready);
+        pools.push(StagePool::new(spec.id.clone(), replicas));
+    }
+    let orch = Arc::new(Orchestrator::new(graph, pools, edges, routes, metrics));
+    let _ = slot.orchestrator.set(orch.clone());
+    Ok(orch)
+}

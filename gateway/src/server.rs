@@ -1,0 +1,359 @@
+//! The HTTP API: OpenAI-compatible routes, health and metrics.
+
+use crate::metrics::Metrics;
+use crate::openai::{ApiErrorBody, BadRequest, ChatCompletionRequest, CompletionRequest, UsageBody};
+use crate::orchestrator::{JobError, JobEvent, JobStream, Orchestrator};
+use crate::runtime::RuntimeSlot;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{header, StatusCode};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use futures::stream::{self, Stream, StreamExt};
+use omnistage_stages::{FinishReason, JobRequest, Modality, Prompt, SamplingParams, Usage};
+use serde::de::DeserializeOwned;
+use serde_json::{json, Value};
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+/// Largest request body accepted.
+pub const MAX_BODY_BYTES: usize = 4 << 20;
+
+/// Shared state of the HTTP handlers.
+#[derive(Clone)]
+pub struct AppState {
+    pub model_name: String,
+    pub runtime: Arc<RuntimeSlot>,
+    pub metrics: Arc<Metrics>,
+    pub request_timeout: Duration,
+}
+
+/// The gateway's routes.
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/v1/chat/completions", post(chat_completions))
+        .route("/v1/completions", post(completions))
+        .route("/v1/models", get(models))
+        .route("/health", get(health))
+        .route("/metrics", get(metrics))
+        .fallback(not_found)
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .with_state(state)
+}
+
+/// An error response in OpenAI's shape.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    body: ApiErrorBody,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, kind: &str, message: impl Into<String>, param: Option<String>) -> Self {
+        Self { status, body: ApiErrorBody { message: message.into(), kind: kind.into(), param, code: None } }
+    }
+
+    fn bad(b: BadRequest) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "invalid_request_error", b.message, b.param)
+    }
+
+    fn from_job(err: &JobError) -> Self {
+        let (status, kind) = match err {
+            JobError::InvalidInput(_) | JobError::UnsupportedOutput(_) => (StatusCode::BAD_REQUEST, "invalid_request_error"),
+            JobError::Overloaded { .. } => (StatusCode::TOO_MANY_REQUESTS, "server_overloaded"),
+            JobError::StageFailed { .. } => (StatusCode::INTERNAL_SERVER_ERROR, "server_error"),
+            JobError::DeadlineExceeded(_) => (StatusCode::GATEWAY_TIMEOUT, "timeout"),
+        };
+        Self::new(status, kind, err.to_string(), None)
+    }
+
+    fn json(&self) -> Value {
+        json!({ "error": self.body })
+    }
+
+    fn reason(&self) -> &'static str {
+        match self.status.as_u16() {
+            400 => "bad_request",
+            404 => "not_found",
+            413 => "body_too_large",
+            429 => "overloaded",
+            503 => "unavailable",
+            504 => "deadline",
+            _ => "internal",
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.status, Json(self.json())).into_response()
+    }
+}
+
+async fn not_found() -> ApiError {
+    ApiError::new(StatusCode::NOT_FOUND, "not_found_error", "no such route", None)
+}
+
+fn parse_body<T: DeserializeOwned>(body: Result<Bytes, BytesRejection>) -> Result<T, ApiError> {
+    let bytes = body.map_err(|r| {
+        let status = r.status();
+        let kind = if status == StatusCode::PAYLOAD_TOO_LARGE { "invalid_request_error" } else { "invalid_request_error" };
+        ApiError::new(status, kind, format!("could not read the request body: {r}"), None)
+    })?;
+    serde_json::from_slice(&bytes)
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_request_error", format!("invalid JSON body: {e}"), None))
+}
+
+impl AppState {
+    fn check_model(&self, model: Option<&str>) -> Result<(), ApiError> {
+        match model {
+            None => Ok(()),
+            Some(m) if m == self.model_name => Ok(()),
+            Some(m) => Err(ApiError::new(
+                StatusCode::NOT_FOUND,
+                "not_found_error",
+                format!("the model `{m}` does not exist; this server serves `{}`", self.model_name),
+                Some("model".into()),
+            )),
+        }
+    }
+
+    fn orchestrator(&self) -> Result<Arc<Orchestrator>, ApiError> {
+        self.runtime.orchestrator().ok_or_else(|| {
+            ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "server_unavailable", "the stages are still loading; see /health", None)
+        })
+    }
+
+    fn start(&self, prompt: Prompt, sampling: SamplingParams, outputs: Vec<Modality>) -> Result<JobStream, ApiError> {
+        let orch = self.orchestrator()?;
+        let request = JobRequest {
+            id: orch.next_job_id(),
+            prompt,
+            sampling,
+            outputs,
+            deadline: Instant::now() + self.request_timeout,
+        };
+        orch.submit(request).map_err(|e| ApiError::from_job(&e))
+    }
+
+    fn fail(&self, err: ApiError) -> Response {
+        self.metrics.error(err.reason());
+        err.into_response()
+    }
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+/// Which OpenAI object a job answers.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Flavor {
+    Chat,
+    Text,
+}
+
+async fn chat_completions(State(state): State<AppState>, body: Result<Bytes, BytesRejection>) -> Response {
+    let prepared = (|| {
+        let req: ChatCompletionRequest = parse_body(body)?;
+        state.check_model(req.model.as_deref())?;
+        let messages = req.chat_messages().map_err(ApiError::bad)?;
+        let outputs = req.output_modalities().map_err(ApiError::bad)?;
+        let sampling = req.sampling.to_params().map_err(ApiError::bad)?;
+        let job = state.start(Prompt::Chat(messages), sampling, outputs)?;
+        Ok::<_, ApiError>((job, req.stream, req.stream_options.is_some_and(|o| o.include_usage)))
+    })();
+    match prepared {
+        Ok((job, stream, usage)) => respond(state, job, Flavor::Chat, stream, usage).await,
+        Err(e) => state.fail(e),
+    }
+}
+
+async fn completions(State(state): State<AppState>, body: Result<Bytes, BytesRejection>) -> Response {
+    let prepared = (|| {
+        let req: CompletionRequest = parse_body(body)?;
+        state.check_model(req.model.as_deref())?;
+        let prompt = req.prompt_text().map_err(ApiError::bad)?;
+        let mut sampling = req.sampling.to_params().map_err(ApiError::bad)?;
+        // OpenAI's default for legacy completions.
+        sampling.max_tokens = sampling.max_tokens.or(Some(16));
+        let job = state.start(Prompt::Completion(prompt), sampling, vec![Modality::Text])?;
+        Ok::<_, ApiError>((job, req.stream, req.stream_options.is_some_and(|o| o.include_usage)))
+    })();
+    match prepared {
+        Ok((job, stream, usage)) => respond(state, job, Flavor::Text, stream, usage).await,
+        Err(e) => state.fail(e),
+    }
+}
+
+async fn respond(state: AppState, job: JobStream, flavor: Flavor, stream: bool, include_usage: bool) -> Response {
+    let id = match flavor {
+        Flavor::Chat => format!("chatcmpl-{}", job.id.0),
+        Flavor::Text => format!("cmpl-{}", job.id.0),
+    };
+    if stream {
+        let events = sse_events(state, job, flavor, id, include_usage);
+        Sse::new(events).keep_alive(KeepAlive::default()).into_response()
+    } else {
+        collect(state, job, flavor, id).await
+    }
+}
+
+async fn collect(state: AppState, mut job: JobStream, flavor: Flavor, id: String) -> Response {
+    let mut text = String::new();
+    let stage = state.model_name.clone();
+    loop {
+        match job.next().await {
+            Some(JobEvent::Text { delta, tokens }) => {
+                state.metrics.generated_tokens.with_label_values(&[&stage]).inc_by(tokens as u64);
+                text.push_str(&delta);
+            }
+            Some(JobEvent::Finished { reason, usage }) => {
+                return Json(final_body(&state, flavor, &id, text, reason, usage)).into_response();
+            }
+            Some(JobEvent::Failed(err)) => return state.fail(ApiError::from_job(&err)),
+            None => {
+                return state.fail(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", "the job ended without a result", None))
+            }
+        }
+    }
+}
+
+fn final_body(state: &AppState, flavor: Flavor, id: &str, text: String, reason: FinishReason, usage: Usage) -> Value {
+    let choice = match flavor {
+        Flavor::Chat => json!({
+            "index": 0,
+            "message": {"role": "assistant", "content": text},
+            "logprobs": null,
+            "finish_reason": reason.as_str(),
+        }),
+        Flavor::Text => json!({"index": 0, "text": text, "logprobs": null, "finish_reason": reason.as_str()}),
+    };
+    json!({
+        "id": id,
+        "object": if flavor == Flavor::Chat { "chat.completion" } else { "text_completion" },
+        "created": unix_now(),
+        "model": state.model_name,
+        "choices": [choice],
+        "usage": UsageBody::from(usage),
+    })
+}
+
+/// One streamed chunk in OpenAI's shape.
+fn chunk(flavor: Flavor, id: &str, model: &str, text: Option<&str>, first: bool, reason: Option<FinishReason>) -> Value {
+    let reason = reason.map(FinishReason::as_str);
+    let choice = match flavor {
+        Flavor::Chat => {
+            let mut delta = serde_json::Map::new();
+            if first {
+                delta.insert("role".into(), json!("assistant"));
+            }
+            if let Some(t) = text {
+                delta.insert("content".into(), json!(t));
+            }
+            json!({"index": 0, "delta": delta, "logprobs": null, "finish_reason": reason})
+        }
+        Flavor::Text => json!({"index": 0, "text": text.unwrap_or(""), "logprobs": null, "finish_reason": reason}),
+    };
+    json!({
+        "id": id,
+        "object": if flavor == Flavor::Chat { "chat.completion.chunk" } else { "text_completion" },
+        "created": unix_now(),
+        "model": model,
+        "choices": [choice],
+    })
+}
+
+struct SseState {
+    state: AppState,
+    job: JobStream,
+    flavor: Flavor,
+    id: String,
+    include_usage: bool,
+    first: bool,
+    done: bool,
+}
+
+fn sse_events(
+    state: AppState,
+    job: JobStream,
+    flavor: Flavor,
+    id: String,
+    include_usage: bool,
+) -> impl Stream<Item = Result<Event, Infallible>> {
+    let s = SseState { state, job, flavor, id, include_usage, first: true, done: false };
+    stream::unfold(s, |mut s| async move {
+        if s.done {
+            return None;
+        }
+        let model = s.state.model_name.clone();
+        let data: Vec<Value> = match s.job.next().await {
+            Some(JobEvent::Text { delta, tokens }) => {
+                s.state.metrics.generated_tokens.with_label_values(&[&model]).inc_by(tokens as u64);
+                if delta.is_empty() && !s.first {
+                    vec![]
+                } else {
+                    let c = chunk(s.flavor, &s.id, &model, Some(&delta), s.first, None);
+                    s.first = false;
+                    vec![c]
+                }
+            }
+            Some(JobEvent::Finished { reason, usage }) => {
+                s.done = true;
+                let mut out = vec![chunk(s.flavor, &s.id, &model, None, s.first, Some(reason))];
+                if s.include_usage {
+                    out.push(json!({
+                        "id": s.id, "object": if s.flavor == Flavor::Chat { "chat.completion.chunk" } else { "text_completion" },
+                        "created": unix_now(), "model": model, "choices": [], "usage": UsageBody::from(usage),
+                    }));
+                }
+                out
+            }
+            Some(JobEvent::Failed(err)) => {
+                s.done = true;
+                let e = ApiError::from_job(&err);
+                s.state.metrics.error(e.reason());
+                vec![e.json()]
+            }
+            None => {
+                s.done = true;
+                vec![]
+            }
+        };
+        let mut events: Vec<Result<Event, Infallible>> =
+            data.into_iter().map(|v| Ok(Event::default().data(v.to_string()))).collect();
+        if s.done {
+            events.push(Ok(Event::default().data("[DONE]")));
+        }
+        Some((stream::iter(events), s))
+    })
+    .flatten()
+}
+
+async fn models(State(state): State<AppState>) -> Json<Value> {
+    Json(json!({
+        "object": "list",
+        "data": [{"id": state.model_name, "object": "model", "created": 0, "owned_by": "omnistage"}],
+    }))
+}
+
+async fn health(State(state): State<AppState>) -> Response {
+    let (ready, stages) = state.runtime.health();
+    let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    (status, Json(json!({"status": if ready { "ready" } else { "not_ready" }, "stages": stages}))).into_response()
+}
+
+async fn metrics(State(state): State<AppState>) -> Response {
+    if let Some(orch) = state.runtime.orchestrator() {
+        for pool in orch.stages() {
+            for (replica, stats) in pool.stats().iter().enumerate() {
+                state.metrics.set_state_bytes(pool.id(), replica, stats.state_bytes);
+            }
+        }
+    }
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], state.metrics.render()).into_response()
+}

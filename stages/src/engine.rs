@@ -1,0 +1,83 @@
+//! The contract between a stage's scheduler and its engine.
+//!
+//! The scheduler (crate `scheduler`) owns the queue and decides, step by step, which jobs run and
+//! how many tokens each may process; the engine owns per-job state (KV cache, sampler) and the
+//! model. The split keeps batching policy testable with no model behind it.
+
+use crate::job::{FinishReason, JobId, StageInput, Usage};
+use crate::payload::Payload;
+
+/// Why an engine refused or failed a job. The message is shown to the client.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum EngineError {
+    /// The job's input is unusable (too long, empty, wrong payload kind): a client error.
+    #[error("invalid input: {0}")]
+    InvalidInput(String),
+    /// The engine failed while computing: a server error; the stage keeps serving others.
+    #[error("engine failure: {0}")]
+    Compute(String),
+}
+
+/// One job's share of a step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StepWork {
+    pub job: JobId,
+    /// Most input tokens the job may consume this step (prefill budget); at least 1.
+    pub token_budget: usize,
+}
+
+/// What an engine reports for a job during a step.
+#[derive(Debug, Clone, PartialEq)]
+pub enum StageEvent {
+    /// A streamed piece of output; several kinds may arrive together (text delta, its token ids,
+    /// hidden rows). Routed by kind to edges and to the client.
+    Output(Vec<Payload>),
+    /// The job is done at this stage; the engine has already released its state.
+    Finished { reason: FinishReason, usage: Usage },
+    /// The job failed at this stage; the engine has already released its state.
+    Failed(EngineError),
+}
+
+/// A batched engine driven by a stage scheduler on the stage's own OS thread.
+pub trait StageEngine: Send + 'static {
+    /// Validates a new job and sets up its state. Returns the number of input tokens it must
+    /// process before producing output (the scheduler's prefill cost).
+    fn admit(&mut self, job: JobId, input: StageInput) -> Result<usize, EngineError>;
+
+    /// Input tokens the job still has to process (0 once it is decoding).
+    fn pending_input(&self, job: JobId) -> usize;
+
+    /// Runs one step for `work` (jobs already admitted) and reports events through `emit`.
+    /// A job that finishes or fails must be released before its final event is emitted.
+    /// `Err` means the whole step failed; the scheduler then fails and releases every job in it.
+    fn step(&mut self, work: &[StepWork], emit: &mut dyn FnMut(JobId, StageEvent)) -> Result<(), EngineError>;
+
+    /// Drops a job's state and frees its memory (cancel, deadline, or a failed step).
+    fn release(&mut self, job: JobId);
+
+    /// Bytes of per-job state (KV cache) currently held; for metrics and leak tests.
+    fn state_bytes(&self) -> usize;
+}
+
+/// Lets the runtime hold engines of different kinds behind one type.
+impl StageEngine for Box<dyn StageEngine> {
+    fn admit(&mut self, job: JobId, input: StageInput) -> Result<usize, EngineError> {
+        (**self).admit(job, input)
+    }
+
+    fn pending_input(&self, job: JobId) -> usize {
+        (**self).pending_input(job)
+    }
+
+    fn step(&mut self, work: &[StepWork], emit: &mut dyn FnMut(JobId, StageEvent)) -> Result<(), EngineError> {
+        (**self).step(work, emit)
+    }
+
+    fn release(&mut self, job: JobId) {
+        (**self).release(job)
+    }
+
+    fn state_bytes(&self) -> usize {
+        (**self).state_bytes()
+    }
+}

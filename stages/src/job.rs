@@ -1,0 +1,158 @@
+//! What a request asks of the stage graph, as every stage sees it.
+
+use crate::payload::Payload;
+use serde::{Deserialize, Serialize};
+use std::fmt;
+use std::sync::Arc;
+use std::time::Instant;
+
+/// Identifies one request across every stage it passes through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct JobId(pub u64);
+
+impl fmt::Display for JobId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "job-{}", self.0)
+    }
+}
+
+/// A final output modality a request can ask for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, PartialOrd, Ord)]
+#[serde(rename_all = "snake_case")]
+pub enum Modality {
+    Text,
+    Image,
+    Audio,
+}
+
+impl Modality {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Modality::Text => "text",
+            Modality::Image => "image",
+            Modality::Audio => "audio",
+        }
+    }
+}
+
+impl fmt::Display for Modality {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One chat turn, as OpenAI's API and chat templates see it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ChatMessage {
+    pub role: String,
+    pub content: String,
+}
+
+/// The request's input before any stage touched it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Prompt {
+    /// Chat messages, rendered with the stage model's chat template.
+    Chat(Vec<ChatMessage>),
+    /// Raw text, tokenized as is (`/v1/completions`).
+    Completion(String),
+}
+
+/// Per-request sampling settings. `None` means "the stage's default from the TOML, else the
+/// checkpoint's generation_config.json, else the built-in default".
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct SamplingParams {
+    pub temperature: Option<f64>,
+    pub top_p: Option<f64>,
+    pub top_k: Option<usize>,
+    pub seed: Option<u64>,
+    pub max_tokens: Option<usize>,
+    pub repetition_penalty: Option<f32>,
+    #[serde(default)]
+    pub stop: Vec<String>,
+    #[serde(default)]
+    pub stop_token_ids: Vec<u32>,
+    /// Keep generating past end-of-sequence tokens (benchmarks that need exact lengths).
+    #[serde(default)]
+    pub ignore_eos: bool,
+}
+
+impl SamplingParams {
+    /// Fills every unset field from `defaults`; list fields are taken from `defaults` when empty.
+    pub fn or(&self, defaults: &SamplingParams) -> SamplingParams {
+        SamplingParams {
+            temperature: self.temperature.or(defaults.temperature),
+            top_p: self.top_p.or(defaults.top_p),
+            top_k: self.top_k.or(defaults.top_k),
+            seed: self.seed.or(defaults.seed),
+            max_tokens: self.max_tokens.or(defaults.max_tokens),
+            repetition_penalty: self.repetition_penalty.or(defaults.repetition_penalty),
+            stop: if self.stop.is_empty() { defaults.stop.clone() } else { self.stop.clone() },
+            stop_token_ids: if self.stop_token_ids.is_empty() {
+                defaults.stop_token_ids.clone()
+            } else {
+                self.stop_token_ids.clone()
+            },
+            ignore_eos: self.ignore_eos || defaults.ignore_eos,
+        }
+    }
+}
+
+/// Everything a request asks for; shared read-only (`Arc`) by every stage it visits.
+#[derive(Debug, Clone)]
+pub struct JobRequest {
+    pub id: JobId,
+    pub prompt: Prompt,
+    pub sampling: SamplingParams,
+    pub outputs: Vec<Modality>,
+    pub deadline: Instant,
+}
+
+/// What a stage receives for one job: the request plus whatever its inbound edges delivered.
+#[derive(Debug, Clone)]
+pub struct StageInput {
+    pub request: Arc<JobRequest>,
+    pub upstream: Vec<Payload>,
+    /// Whether this stage produces what the client receives; only such a stage applies the
+    /// request's sampling settings (others use their stage defaults).
+    pub client_facing: bool,
+}
+
+impl StageInput {
+    /// The request's sampling settings if this stage faces the client, else none.
+    pub fn sampling(&self) -> SamplingParams {
+        if self.client_facing {
+            self.request.sampling.clone()
+        } else {
+            SamplingParams::default()
+        }
+    }
+}
+
+/// Why a stage stopped producing for a job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FinishReason {
+    /// End-of-sequence token, stop token or stop string.
+    Stop,
+    /// `max_tokens` reached.
+    Length,
+    /// Single-shot stages (encoders, VAEs) that produced their whole output.
+    Complete,
+}
+
+impl FinishReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FinishReason::Stop => "stop",
+            FinishReason::Length => "length",
+            FinishReason::Complete => "stop",
+        }
+    }
+}
+
+/// Token accounting for one job at one stage.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Usage {
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
+}

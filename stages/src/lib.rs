@@ -1,0 +1,17 @@
+//! The vocabulary of omnistage.
+//!
+//! Owns: the stage-graph deployment schema (TOML) and its validation, the payload types that travel
+//! on edges, the request/job types every stage sees, and the [`engine::StageEngine`] trait each
+//! stage engine implements.
+//!
+//! Must not know: HTTP, threads or queues (that is `scheduler`), transports (`connectors`), or any
+//! model code (`engines`).
+
+pub mod deploy;
+pub mod engine;
+pub mod job;
+pub mod payload;
+
+pub use engine::{EngineError, StageEngine, StageEvent, StepWork};
+pub use job::{ChatMessage, FinishReason, JobId, JobRequest, Modality, Prompt, SamplingParams, StageInput, Usage};
+pub use payload::{HiddenStates, Payload, PayloadKind};
