@@ -1,0 +1,588 @@
+//! The stage-graph deployment file: schema, loading (TOML through the `config` crate, with
+//! `OMNISTAGE_*` environment overrides), validation and rendering (text, Graphviz DOT).
+//!
+//! Validation happens before any weights load; every error names the file, the stage (or edge)
+//! and the field.
+//!
+//! Layers, lowest first: built-in defaults → the TOML file → environment overrides:
+//! - `OMNISTAGE_NAME=x` replaces the top-level `name`;
+//! - `OMNISTAGE_STAGE__<ID>__<FIELD>=value` replaces a field of the stage whose id matches `<ID>`
+//!   case-insensitively, `_` standing for `-` (e.g. `OMNISTAGE_STAGE__THINKER__MAX_BATCH_SIZE=8`);
+//! - `OMNISTAGE_STAGE__<ID>__SAMPLING__<FIELD>=value` replaces a sampling default.
+//!
+//! List fields take a JSON array (`["text","hidden"]`) or, except `sampling.stop`, a comma-separated
+//! list. Other `OMNISTAGE_*` variables without a `__` (e.g. `OMNISTAGE_LOG`) belong to other
+//! components and are ignored here; any other variable with a `__` is an error.
+
+mod env;
+mod raw;
+mod render;
+mod validate;
+
+use crate::job::{Modality, SamplingParams};
+use crate::payload::PayloadKind;
+use serde::{Deserialize, Serialize};
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+/// What a stage runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StageKind {
+    Llm,
+    Dit,
+    Vae,
+    Codec,
+    Encoder,
+    Router,
+}
+
+/// Element type of a stage's weights and activations.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DType {
+    #[default]
+    F32,
+    Bf16,
+    F16,
+}
+
+/// Where a stage runs: `cpu` or `cuda:N` (parsed from a string).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DeviceSpec {
+    #[default]
+    Cpu,
+    Cuda(usize),
+}
+
+/// How an edge moves payloads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ConnectorKind {
+    #[default]
+    Inproc,
+    Shm,
+    Tcp,
+}
+
+/// One stage of the graph, after defaults are applied.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StageSpec {
+    pub id: String,
+    pub kind: StageKind,
+    /// Checkpoint directory, resolved against the deployment file's folder when relative.
+    pub model: PathBuf,
+    pub dtype: DType,
+    pub device: DeviceSpec,
+    pub replicas: usize,
+    pub max_batch_size: usize,
+    pub max_batched_tokens: usize,
+    pub max_wait_ms: u64,
+    /// Jobs that may wait in the stage's queue before new ones are refused (429).
+    pub max_queue: usize,
+    /// Longest prompt + generation the stage accepts (defaults to the model's own limit).
+    pub max_model_len: Option<usize>,
+    /// Payload kinds this stage is asked to produce (used by `check` and edge validation).
+    pub outputs: Vec<PayloadKind>,
+    /// Default sampling for this stage; requests override field by field.
+    pub sampling: SamplingParams,
+    /// Run in its own worker process (multi-process issue); accepted and validated here.
+    pub process: bool,
+}
+
+/// Streaming settings of an edge.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StreamSpec {
+    /// Deliver every `chunk` tokens/frames.
+    pub chunk: usize,
+}
+
+/// One edge of the graph.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EdgeSpec {
+    pub from: String,
+    pub to: String,
+    pub carries: PayloadKind,
+    pub connector: ConnectorKind,
+    pub stream: Option<StreamSpec>,
+}
+
+/// A validated deployment: stages, edges, and which stage produces each final modality.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeployGraph {
+    /// Where the graph was read from (for error messages); `<embedded>` for the built-in default.
+    pub source: PathBuf,
+    pub name: String,
+    pub stages: Vec<StageSpec>,
+    pub edges: Vec<EdgeSpec>,
+    /// Final output modality → producing stage id (in a stable order).
+    pub outputs: Vec<(Modality, String)>,
+}
+
+impl StageKind {
+    /// Every kind, in the order the docs list them.
+    pub const ALL: [StageKind; 6] = [
+        StageKind::Llm,
+        StageKind::Dit,
+        StageKind::Vae,
+        StageKind::Codec,
+        StageKind::Encoder,
+        StageKind::Router,
+    ];
+
+    /// The name used in the TOML file.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StageKind::Llm => "llm",
+            StageKind::Dit => "dit",
+            StageKind::Vae => "vae",
+            StageKind::Codec => "codec",
+            StageKind::Encoder => "encoder",
+            StageKind::Router => "router",
+        }
+    }
+
+    /// Payload kinds a stage of this kind can produce.
+    pub fn produces(self) -> &'static [PayloadKind] {
+        use PayloadKind::*;
+        match self {
+            StageKind::Llm => &[Text, Tokens, Hidden],
+            StageKind::Dit => &[Latents],
+            StageKind::Vae => &[Image],
+            StageKind::Codec => &[Pcm],
+            StageKind::Encoder => &[Embeddings, Hidden],
+            StageKind::Router => &PayloadKind::ALL,
+        }
+    }
+
+    /// Payload kinds a stage of this kind can take on an inbound edge.
+    pub fn accepts(self) -> &'static [PayloadKind] {
+        use PayloadKind::*;
+        match self {
+            StageKind::Llm => &[Text, Tokens, Hidden, Embeddings],
+            StageKind::Dit => &[Embeddings, Hidden, Text],
+            StageKind::Vae => &[Latents],
+            StageKind::Codec => &[Codes, Tokens],
+            StageKind::Encoder => &[Text, Image, Pcm],
+            StageKind::Router => &PayloadKind::ALL,
+        }
+    }
+
+    /// What a stage produces when its `outputs` field is left out: everything it can produce.
+    pub fn default_outputs(self) -> Vec<PayloadKind> {
+        self.produces().to_vec()
+    }
+}
+
+impl fmt::Display for StageKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl DType {
+    /// Every dtype.
+    pub const ALL: [DType; 3] = [DType::F32, DType::Bf16, DType::F16];
+
+    /// The name used in the TOML file.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DType::F32 => "f32",
+            DType::Bf16 => "bf16",
+            DType::F16 => "f16",
+        }
+    }
+}
+
+impl fmt::Display for DType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl ConnectorKind {
+    /// Every connector.
+    pub const ALL: [ConnectorKind; 3] = [
+        ConnectorKind::Inproc,
+        ConnectorKind::Shm,
+        ConnectorKind::Tcp,
+    ];
+
+    /// The name used in the TOML file.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ConnectorKind::Inproc => "inproc",
+            ConnectorKind::Shm => "shm",
+            ConnectorKind::Tcp => "tcp",
+        }
+    }
+}
+
+impl fmt::Display for ConnectorKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A device string that is neither `cpu` nor `cuda:N`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown device `{0}`; expected `cpu` or `cuda:N` (e.g. `cuda:0`)")]
+pub struct ParseDeviceError(pub String);
+
+impl FromStr for DeviceSpec {
+    type Err = ParseDeviceError;
+
+    /// Parses `cpu`, `cuda:0`, `cuda:12`; anything else is an error naming the value.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s == "cpu" {
+            return Ok(DeviceSpec::Cpu);
+        }
+        let index = s
+            .strip_prefix("cuda:")
+            .filter(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()));
+        match index.and_then(|n| n.parse::<usize>().ok()) {
+            Some(n) => Ok(DeviceSpec::Cuda(n)),
+            None => Err(ParseDeviceError(s.to_string())),
+        }
+    }
+}
+
+impl fmt::Display for DeviceSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DeviceSpec::Cpu => f.write_str("cpu"),
+            DeviceSpec::Cuda(n) => write!(f, "cuda:{n}"),
+        }
+    }
+}
+
+/// The payload kind a stage must produce to serve a final output modality
+/// (text → `text`, image → `image`, audio → `pcm`).
+pub fn modality_payload(m: Modality) -> PayloadKind {
+    match m {
+        Modality::Text => PayloadKind::Text,
+        Modality::Image => PayloadKind::Image,
+        Modality::Audio => PayloadKind::Pcm,
+    }
+}
+
+/// The process's `OMNISTAGE_*` environment variables (names matched case-insensitively; variables
+/// that are not valid UTF-8 are skipped), as [`DeployGraph::from_toml_str`] takes them.
+pub fn omnistage_env() -> Vec<(String, String)> {
+    std::env::vars_os()
+        .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
+        .filter(|(k, _)| env::is_omnistage_var(k))
+        .collect()
+}
+
+/// Where in the deployment file a problem sits.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Site {
+    /// The top-level table.
+    Top,
+    /// A stage, by id.
+    Stage(String),
+    /// A stage whose id is missing or unusable, by 1-based position in the file.
+    StageAt(usize),
+    /// An edge: 1-based position in the file and its endpoints as written (`?` when missing).
+    Edge {
+        index: usize,
+        from: String,
+        to: String,
+    },
+    /// The `[outputs]` table.
+    Outputs,
+}
+
+impl fmt::Display for Site {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Site::Top => f.write_str("top level"),
+            Site::Stage(id) => write!(f, "stage `{id}`"),
+            Site::StageAt(n) => write!(f, "stage #{n} (no id)"),
+            Site::Edge { index, from, to } => write!(f, "edge #{index} ({from} -> {to})"),
+            Site::Outputs => f.write_str("[outputs]"),
+        }
+    }
+}
+
+/// Why a deployment file was refused. Every message starts with the file, then the stage or edge,
+/// then the field: `deploy/x.toml: stage `talker`, field `inputs`: unknown field; ...`.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum DeployError {
+    /// The file could not be read.
+    #[error("{file}: cannot read the deployment file: {message}")]
+    Read { file: String, message: String },
+    /// The file is not valid TOML (the message carries line and column).
+    #[error("{file}: TOML syntax error: {message}")]
+    Syntax { file: String, message: String },
+    /// A key the schema does not know (typo).
+    #[error("{file}: {site}, field `{field}`: unknown field; allowed fields: {allowed}")]
+    UnknownField {
+        file: String,
+        site: Box<Site>,
+        field: String,
+        allowed: String,
+    },
+    /// A required key is absent.
+    #[error("{file}: {site}, field `{field}`: required field is missing")]
+    MissingField {
+        file: String,
+        site: Box<Site>,
+        field: String,
+    },
+    /// A value of the wrong type or shape.
+    #[error("{file}: {site}, field `{field}`: {message}")]
+    BadValue {
+        file: String,
+        site: Box<Site>,
+        field: String,
+        message: String,
+    },
+    /// A name outside an enumeration (kind, dtype, connector, payload kind).
+    #[error("{file}: {site}, field `{field}`: unknown value `{value}`; allowed values: {allowed}")]
+    UnknownValue {
+        file: String,
+        site: Box<Site>,
+        field: String,
+        value: String,
+        allowed: String,
+    },
+    /// A device string that is neither `cpu` nor `cuda:N`.
+    #[error(
+        "{file}: {site}, field `{field}`: unknown device `{value}`; expected `cpu` or `cuda:N`"
+    )]
+    UnknownDevice {
+        file: String,
+        site: Box<Site>,
+        field: String,
+        value: String,
+    },
+    /// A number outside its allowed range.
+    #[error("{file}: {site}, field `{field}`: {value} is out of range; it must be {rule}")]
+    OutOfRange {
+        file: String,
+        site: Box<Site>,
+        field: String,
+        value: String,
+        rule: &'static str,
+    },
+    /// Two stages share an id.
+    #[error(
+        "{file}: stage `{stage}`, field `id`: duplicate stage id (stages #{first} and #{second})"
+    )]
+    DuplicateStage {
+        file: String,
+        stage: String,
+        first: usize,
+        second: usize,
+    },
+    /// An edge's `from` or `to` names no stage.
+    #[error("{file}: {site}, field `{field}`: unknown stage `{stage}`")]
+    UnknownEdgeStage {
+        file: String,
+        site: Box<Site>,
+        field: String,
+        stage: String,
+    },
+    /// The edges form a cycle; `site` is the edge that closes it.
+    #[error("{file}: {site}, field `to`: the edges form a cycle: {}", .cycle.join(" -> "))]
+    Cycle {
+        file: String,
+        site: Box<Site>,
+        cycle: Vec<String>,
+    },
+    /// A stage from which no edge path reaches a stage named in `[outputs]`.
+    #[error(
+        "{file}: stage `{stage}`, field `outputs`: dead stage: no edge path leads from it to a stage named in [outputs]"
+    )]
+    DeadStage { file: String, stage: String },
+    /// `[outputs]` is missing or empty.
+    #[error("{file}: [outputs], field `outputs`: no output modality; name at least one of text, image, audio")]
+    NoOutputs { file: String },
+    /// An `[outputs]` key that is not a modality.
+    #[error(
+        "{file}: [outputs], field `outputs.{key}`: unknown modality; allowed: text, image, audio"
+    )]
+    UnknownModality { file: String, key: String },
+    /// `[outputs]` names a stage that does not exist.
+    #[error("{file}: stage `{stage}`, field `outputs.{modality}`: [outputs] names a stage that does not exist")]
+    OutputUnknownStage {
+        file: String,
+        modality: Modality,
+        stage: String,
+    },
+    /// The output stage does not produce the payload kind the modality needs.
+    #[error(
+        "{file}: stage `{stage}`, field `outputs.{modality}`: {modality} output needs a stage producing `{needs}`; this stage's outputs are: {has}"
+    )]
+    OutputNotProduced {
+        file: String,
+        modality: Modality,
+        stage: String,
+        needs: PayloadKind,
+        has: String,
+    },
+    /// A stage's `outputs` lists a payload kind its kind cannot produce.
+    #[error("{file}: stage `{stage}`, field `outputs`: a {kind} stage cannot produce `{payload}`; it produces: {allowed}")]
+    KindCannotProduce {
+        file: String,
+        stage: String,
+        kind: StageKind,
+        payload: PayloadKind,
+        allowed: String,
+    },
+    /// An edge carries a payload kind its producer is not asked to produce.
+    #[error("{file}: {site}, field `carries`: stage `{stage}` does not produce `{payload}`; its outputs are: {has}")]
+    EdgeNotProduced {
+        file: String,
+        site: Box<Site>,
+        stage: String,
+        payload: PayloadKind,
+        has: String,
+    },
+    /// An edge carries a payload kind its consumer cannot take.
+    #[error(
+        "{file}: {site}, field `carries`: stage `{stage}` ({kind}) cannot accept `{payload}`; it accepts: {allowed}"
+    )]
+    EdgeNotAccepted {
+        file: String,
+        site: Box<Site>,
+        stage: String,
+        kind: StageKind,
+        payload: PayloadKind,
+        allowed: String,
+    },
+    /// An `OMNISTAGE_*` override that names an unknown stage or field, or has an unparsable value.
+    #[error("{file}: environment variable `{var}`: {message}")]
+    Override {
+        file: String,
+        var: String,
+        message: String,
+    },
+    /// A stage's model directory does not exist.
+    #[error("{file}: stage `{stage}`, field `model`: model directory `{path}` does not exist or is not a directory")]
+    ModelMissing {
+        file: String,
+        stage: String,
+        path: String,
+    },
+    /// A stage's model directory has no config.json.
+    #[error("{file}: stage `{stage}`, field `model`: model directory `{path}` has no config.json")]
+    ModelNoConfig {
+        file: String,
+        stage: String,
+        path: String,
+    },
+}
+
+impl DeployGraph {
+    /// Reads `path`, applies the process's `OMNISTAGE_*` overrides, resolves relative model paths
+    /// against the file's folder and validates the graph (no weights are touched).
+    pub fn load(path: &Path) -> Result<DeployGraph, DeployError> {
+        let text = std::fs::read_to_string(path).map_err(|e| DeployError::Read {
+            file: path.display().to_string(),
+            message: e.to_string(),
+        })?;
+        let base = match path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        Self::from_toml_str(&text, path, &base, &omnistage_env())
+    }
+
+    /// Parses TOML `text` (named `source` in errors), applies the overrides in `env`
+    /// (`(name, value)` pairs; names not starting with `OMNISTAGE_` are ignored), resolves relative
+    /// model paths against `base_dir` and validates the graph.
+    pub fn from_toml_str(
+        text: &str,
+        source: &Path,
+        base_dir: &Path,
+        env: &[(String, String)],
+    ) -> Result<DeployGraph, DeployError> {
+        let file = source.display().to_string();
+        let tree = raw::read_tree(text, &file, env)?;
+        let mut graph = raw::build_graph(&tree, &file, base_dir)?;
+        if graph.name.is_empty() {
+            graph.name = source
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_default();
+        }
+        graph.source = source.to_path_buf();
+        validate::check(&graph, &file)?;
+        Ok(graph)
+    }
+
+    /// Checks that every stage's model directory exists and holds a `config.json`.
+    pub fn check_models(&self) -> Result<(), DeployError> {
+        let file = self.source.display().to_string();
+        for s in &self.stages {
+            let path = s.model.display().to_string();
+            if !s.model.is_dir() {
+                return Err(DeployError::ModelMissing {
+                    file,
+                    stage: s.id.clone(),
+                    path,
+                });
+            }
+            if !s.model.join("config.json").is_file() {
+                return Err(DeployError::ModelNoConfig {
+                    file,
+                    stage: s.id.clone(),
+                    path,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// The stage with this id.
+    pub fn stage(&self, id: &str) -> Option<&StageSpec> {
+        self.stages.iter().find(|s| s.id == id)
+    }
+
+    /// Edges that end at stage `id`, in file order.
+    pub fn inbound<'a>(&'a self, id: &'a str) -> impl Iterator<Item = &'a EdgeSpec> + 'a {
+        self.edges.iter().filter(move |e| e.to == id)
+    }
+
+    /// Edges that start at stage `id`, in file order.
+    pub fn outbound<'a>(&'a self, id: &'a str) -> impl Iterator<Item = &'a EdgeSpec> + 'a {
+        self.edges.iter().filter(move |e| e.from == id)
+    }
+
+    /// Stages with no inbound edge (where a request enters the graph), in file order.
+    pub fn entry_stages(&self) -> Vec<&StageSpec> {
+        self.stages
+            .iter()
+            .filter(|s| self.inbound(&s.id).next().is_none())
+            .collect()
+    }
+
+    /// The stage that produces final output modality `m`, if the deployment offers it.
+    pub fn output_stage(&self, m: Modality) -> Option<&StageSpec> {
+        let (_, id) = self.outputs.iter().find(|(o, _)| *o == m)?;
+        self.stage(id)
+    }
+
+    /// A human-readable summary: stages (kind, device, dtype, batching), edges, outputs.
+    pub fn to_text(&self) -> String {
+        render::text(self)
+    }
+
+    /// A Graphviz DOT digraph of the stages, edges and output modalities.
+    pub fn to_dot(&self) -> String {
+        render::dot(self)
+    }
+}
+
+/// Joins names as `a, b, c` for error messages.
+fn join<T: fmt::Display>(items: impl IntoIterator<Item = T>) -> String {
+    items
+        .into_iter()
+        .map(|i| i.to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
+}

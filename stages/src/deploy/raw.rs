@@ -1,0 +1,568 @@
+//! Reading the TOML file through the `config` crate and turning its tree into typed specs, field by
+//! field, so every error can name the stage (or edge) and the field.
+//!
+//! The raw structs mirror the file one to one: every field optional (defaults are applied while
+//! converting) and `deny_unknown_fields`, so a typo never passes silently.
+
+use super::{
+    env, join, DType, DeployError, DeployGraph, DeviceSpec, EdgeSpec, Site, StageKind, StageSpec,
+    StreamSpec,
+};
+use super::{ConnectorKind, Modality, PayloadKind, SamplingParams};
+use config::{Config, File, FileFormat};
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+use serde_json::{Map, Value};
+use std::path::Path;
+
+/// How an environment override's string value is parsed for a field.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum FieldTy {
+    Str,
+    UInt,
+    Float,
+    Bool,
+    /// A list of strings: a JSON array or a comma-separated list.
+    CsvList,
+    /// A list of strings: a JSON array or a single string.
+    StrList,
+    /// A list of unsigned integers: a JSON array or a comma-separated list.
+    UIntList,
+    /// A sub-table (not overridable as a whole).
+    Table,
+}
+
+/// The keys of a `[[stage]]` table and their types.
+pub(super) const STAGE_FIELDS: &[(&str, FieldTy)] = &[
+    ("id", FieldTy::Str),
+    ("kind", FieldTy::Str),
+    ("model", FieldTy::Str),
+    ("dtype", FieldTy::Str),
+    ("device", FieldTy::Str),
+    ("replicas", FieldTy::UInt),
+    ("max_batch_size", FieldTy::UInt),
+    ("max_batched_tokens", FieldTy::UInt),
+    ("max_wait_ms", FieldTy::UInt),
+    ("max_queue", FieldTy::UInt),
+    ("max_model_len", FieldTy::UInt),
+    ("outputs", FieldTy::CsvList),
+    ("sampling", FieldTy::Table),
+    ("process", FieldTy::Bool),
+];
+
+/// The keys of a `[stage.sampling]` table and their types.
+pub(super) const SAMPLING_FIELDS: &[(&str, FieldTy)] = &[
+    ("temperature", FieldTy::Float),
+    ("top_p", FieldTy::Float),
+    ("top_k", FieldTy::UInt),
+    ("seed", FieldTy::UInt),
+    ("max_tokens", FieldTy::UInt),
+    ("repetition_penalty", FieldTy::Float),
+    ("stop", FieldTy::StrList),
+    ("stop_token_ids", FieldTy::UIntList),
+    ("ignore_eos", FieldTy::Bool),
+];
+
+const TOP_FIELDS: &[&str] = &["name", "stage", "edge", "outputs"];
+const EDGE_FIELDS: &[&str] = &["from", "to", "carries", "connector", "stream"];
+const STREAM_FIELDS: &[&str] = &["chunk"];
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawTop {
+    name: Option<String>,
+    stage: Option<Vec<Value>>,
+    edge: Option<Vec<Value>>,
+    outputs: Option<Map<String, Value>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawStage {
+    id: Option<String>,
+    kind: Option<String>,
+    model: Option<String>,
+    dtype: Option<String>,
+    device: Option<String>,
+    replicas: Option<usize>,
+    max_batch_size: Option<usize>,
+    max_batched_tokens: Option<usize>,
+    max_wait_ms: Option<u64>,
+    max_queue: Option<usize>,
+    max_model_len: Option<usize>,
+    outputs: Option<Vec<String>>,
+    sampling: Option<Map<String, Value>>,
+    process: Option<bool>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawSampling {
+    temperature: Option<f64>,
+    top_p: Option<f64>,
+    top_k: Option<usize>,
+    seed: Option<u64>,
+    max_tokens: Option<usize>,
+    repetition_penalty: Option<f32>,
+    stop: Option<Vec<String>>,
+    stop_token_ids: Option<Vec<u32>>,
+    ignore_eos: Option<bool>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawEdge {
+    from: Option<String>,
+    to: Option<String>,
+    carries: Option<String>,
+    connector: Option<String>,
+    stream: Option<Value>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawStream {
+    chunk: Option<usize>,
+}
+
+/// Parses `text` as TOML with the `config` crate, applies the environment overrides in `env` with
+/// `set_override`, and returns the merged tree.
+pub(super) fn read_tree(
+    text: &str,
+    file: &str,
+    env: &[(String, String)],
+) -> Result<Value, DeployError> {
+    let syntax = |e: config::ConfigError| DeployError::Syntax {
+        file: file.to_string(),
+        message: e.to_string(),
+    };
+    let builder = || Config::builder().add_source(File::from_str(text, FileFormat::Toml));
+    let base: Value = builder()
+        .build()
+        .and_then(|c| c.try_deserialize())
+        .map_err(syntax)?;
+    let overrides = env::overrides(&base, env, file)?;
+    if overrides.is_empty() {
+        return Ok(base);
+    }
+    let mut b = builder();
+    for o in overrides {
+        b = b
+            .set_override(&o.key, o.value)
+            .map_err(|e| DeployError::Override {
+                file: file.to_string(),
+                var: o.var.clone(),
+                message: e.to_string(),
+            })?;
+    }
+    b.build().and_then(|c| c.try_deserialize()).map_err(syntax)
+}
+
+/// Converts the merged tree into a graph with defaults applied (structure not yet validated).
+pub(super) fn build_graph(
+    tree: &Value,
+    file: &str,
+    base_dir: &Path,
+) -> Result<DeployGraph, DeployError> {
+    let empty = Map::new();
+    let top_map = tree.as_object().unwrap_or(&empty);
+    for key in ["stage", "edge"] {
+        if top_map.get(key).is_some_and(Value::is_object) {
+            let message = format!("expected an array of tables: write [[{key}]], not [{key}]");
+            return Err(bad(file, &Site::Top, key, &message));
+        }
+    }
+    let top: RawTop = parse_table(top_map, file, &Site::Top, "", TOP_FIELDS)?;
+    let stages = (top.stage.unwrap_or_default().iter().enumerate())
+        .map(|(i, v)| stage(i + 1, v, file, base_dir))
+        .collect::<Result<Vec<_>, _>>()?;
+    let edges = (top.edge.unwrap_or_default().iter().enumerate())
+        .map(|(i, v)| edge(i + 1, v, file))
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut outputs = Vec::new();
+    for (key, value) in top.outputs.unwrap_or_default() {
+        let modality = match key.as_str() {
+            "text" => Modality::Text,
+            "image" => Modality::Image,
+            "audio" => Modality::Audio,
+            _ => {
+                return Err(DeployError::UnknownModality {
+                    file: file.to_string(),
+                    key,
+                })
+            }
+        };
+        let Value::String(id) = value else {
+            return Err(bad(
+                file,
+                &Site::Outputs,
+                &format!("outputs.{key}"),
+                "expected a stage id (a string)",
+            ));
+        };
+        outputs.push((modality, id));
+    }
+    outputs.sort();
+    Ok(DeployGraph {
+        source: file.into(),
+        name: top.name.unwrap_or_default(),
+        stages,
+        edges,
+        outputs,
+    })
+}
+
+fn stage(n: usize, value: &Value, file: &str, base_dir: &Path) -> Result<StageSpec, DeployError> {
+    let Some(map) = value.as_object() else {
+        return Err(bad(
+            file,
+            &Site::StageAt(n),
+            "stage",
+            "expected a table ([[stage]])",
+        ));
+    };
+    let site = match map.get("id").and_then(Value::as_str) {
+        Some(id) if !id.trim().is_empty() => Site::Stage(id.to_string()),
+        _ => Site::StageAt(n),
+    };
+    let r: RawStage = parse_table(map, file, &site, "", &names(STAGE_FIELDS))?;
+    let id = required(r.id, file, &site, "id")?;
+    if id.trim().is_empty() {
+        return Err(bad(file, &site, "id", "the stage id must not be empty"));
+    }
+    let kind_s = required(r.kind, file, &site, "kind")?;
+    let kind = one_of(
+        &kind_s,
+        &StageKind::ALL,
+        |k| k.as_str(),
+        file,
+        &site,
+        "kind",
+    )?;
+    let model = required(r.model, file, &site, "model")?;
+    if model.trim().is_empty() {
+        return Err(bad(
+            file,
+            &site,
+            "model",
+            "the model path must not be empty",
+        ));
+    }
+    let model = if Path::new(&model).is_absolute() {
+        model.into()
+    } else {
+        base_dir.join(model)
+    };
+    let dtype = match r.dtype {
+        Some(d) => one_of(&d, &DType::ALL, |d| d.as_str(), file, &site, "dtype")?,
+        None => DType::default(),
+    };
+    let device = match r.device {
+        Some(d) => d
+            .parse::<DeviceSpec>()
+            .map_err(|_| DeployError::UnknownDevice {
+                file: file.to_string(),
+                site: Box::new(site.clone()),
+                field: "device".into(),
+                value: d,
+            })?,
+        None => DeviceSpec::default(),
+    };
+    let outputs = match r.outputs {
+        Some(list) => {
+            let mut out = Vec::new();
+            for p in &list {
+                let p = one_of(p, &PayloadKind::ALL, |k| k.as_str(), file, &site, "outputs")?;
+                if !kind.produces().contains(&p) {
+                    return Err(DeployError::KindCannotProduce {
+                        file: file.to_string(),
+                        stage: id.clone(),
+                        kind,
+                        payload: p,
+                        allowed: join(kind.produces()),
+                    });
+                }
+                if !out.contains(&p) {
+                    out.push(p);
+                }
+            }
+            if out.is_empty() {
+                return Err(bad(
+                    file,
+                    &site,
+                    "outputs",
+                    "must list at least one payload kind",
+                ));
+            }
+            out
+        }
+        None => kind.default_outputs(),
+    };
+    let sampling = match r.sampling {
+        Some(m) => sampling(&m, file, &site)?,
+        None => SamplingParams::default(),
+    };
+    Ok(StageSpec {
+        kind,
+        model,
+        dtype,
+        device,
+        replicas: at_least_one(r.replicas.unwrap_or(1), file, &site, "replicas")?,
+        max_batch_size: at_least_one(
+            r.max_batch_size.unwrap_or(32),
+            file,
+            &site,
+            "max_batch_size",
+        )?,
+        max_batched_tokens: at_least_one(
+            r.max_batched_tokens.unwrap_or(2048),
+            file,
+            &site,
+            "max_batched_tokens",
+        )?,
+        max_wait_ms: r.max_wait_ms.unwrap_or(0),
+        max_queue: at_least_one(r.max_queue.unwrap_or(256), file, &site, "max_queue")?,
+        max_model_len: r
+            .max_model_len
+            .map(|v| at_least_one(v, file, &site, "max_model_len"))
+            .transpose()?,
+        outputs,
+        sampling,
+        process: r.process.unwrap_or(false),
+        id,
+    })
+}
+
+fn sampling(
+    map: &Map<String, Value>,
+    file: &str,
+    site: &Site,
+) -> Result<SamplingParams, DeployError> {
+    let r: RawSampling = parse_table(map, file, site, "sampling.", &names(SAMPLING_FIELDS))?;
+    let range = |field: &str, value: String, rule: &'static str| DeployError::OutOfRange {
+        file: file.to_string(),
+        site: Box::new(site.clone()),
+        field: field.to_string(),
+        value,
+        rule,
+    };
+    if let Some(t) = r.temperature {
+        if !(t.is_finite() && t >= 0.0) {
+            return Err(range("sampling.temperature", t.to_string(), ">= 0"));
+        }
+    }
+    if let Some(p) = r.top_p {
+        if !(p > 0.0 && p <= 1.0) {
+            return Err(range("sampling.top_p", p.to_string(), "in (0, 1]"));
+        }
+    }
+    if let Some(p) = r.repetition_penalty {
+        if !(p.is_finite() && p > 0.0) {
+            return Err(range("sampling.repetition_penalty", p.to_string(), "> 0"));
+        }
+    }
+    if r.max_tokens == Some(0) {
+        return Err(range("sampling.max_tokens", "0".into(), ">= 1"));
+    }
+    Ok(SamplingParams {
+        temperature: r.temperature,
+        top_p: r.top_p,
+        top_k: r.top_k,
+        seed: r.seed,
+        max_tokens: r.max_tokens,
+        repetition_penalty: r.repetition_penalty,
+        stop: r.stop.unwrap_or_default(),
+        stop_token_ids: r.stop_token_ids.unwrap_or_default(),
+        ignore_eos: r.ignore_eos.unwrap_or(false),
+    })
+}
+
+fn edge(n: usize, value: &Value, file: &str) -> Result<EdgeSpec, DeployError> {
+    let Some(map) = value.as_object() else {
+        let site = Site::Edge {
+            index: n,
+            from: "?".into(),
+            to: "?".into(),
+        };
+        return Err(bad(file, &site, "edge", "expected a table ([[edge]])"));
+    };
+    let end = |k: &str| {
+        map.get(k)
+            .and_then(Value::as_str)
+            .unwrap_or("?")
+            .to_string()
+    };
+    let site = Site::Edge {
+        index: n,
+        from: end("from"),
+        to: end("to"),
+    };
+    let r: RawEdge = parse_table(map, file, &site, "", EDGE_FIELDS)?;
+    let from = required(r.from, file, &site, "from")?;
+    let to = required(r.to, file, &site, "to")?;
+    let carries = required(r.carries, file, &site, "carries")?;
+    let carries = one_of(
+        &carries,
+        &PayloadKind::ALL,
+        |k| k.as_str(),
+        file,
+        &site,
+        "carries",
+    )?;
+    let connector = match r.connector {
+        Some(c) => one_of(
+            &c,
+            &ConnectorKind::ALL,
+            |c| c.as_str(),
+            file,
+            &site,
+            "connector",
+        )?,
+        None => ConnectorKind::default(),
+    };
+    let stream = match r.stream {
+        None | Some(Value::Bool(false)) => None,
+        Some(Value::Bool(true)) => Some(StreamSpec { chunk: 1 }),
+        Some(Value::Object(m)) => {
+            let s: RawStream = parse_table(&m, file, &site, "stream.", STREAM_FIELDS)?;
+            Some(StreamSpec {
+                chunk: at_least_one(s.chunk.unwrap_or(1), file, &site, "stream.chunk")?,
+            })
+        }
+        Some(_) => {
+            return Err(bad(
+                file,
+                &site,
+                "stream",
+                "expected a table like { chunk = 1 } or a boolean",
+            ))
+        }
+    };
+    Ok(EdgeSpec {
+        from,
+        to,
+        carries,
+        connector,
+        stream,
+    })
+}
+
+/// Deserializes `map` into `T`, first checking each key against `fields` (unknown field) and
+/// deserializing it alone (so a type error names its field).
+fn parse_table<T: DeserializeOwned>(
+    map: &Map<String, Value>,
+    file: &str,
+    site: &Site,
+    prefix: &str,
+    fields: &[&str],
+) -> Result<T, DeployError> {
+    for (key, value) in map {
+        let field = format!("{prefix}{key}");
+        if !fields.contains(&key.as_str()) {
+            return Err(DeployError::UnknownField {
+                file: file.to_string(),
+                site: Box::new(site.clone()),
+                field,
+                allowed: join(fields),
+            });
+        }
+        let mut one = Map::new();
+        one.insert(key.clone(), value.clone());
+        if let Err(e) = serde_json::from_value::<T>(Value::Object(one)) {
+            return Err(bad(file, site, &field, &e.to_string()));
+        }
+    }
+    serde_json::from_value(Value::Object(map.clone())).map_err(|e| {
+        let field = prefix.trim_end_matches('.');
+        bad(
+            file,
+            site,
+            if field.is_empty() { "?" } else { field },
+            &e.to_string(),
+        )
+    })
+}
+
+fn names(fields: &[(&'static str, FieldTy)]) -> Vec<&'static str> {
+    fields.iter().map(|(n, _)| *n).collect()
+}
+
+fn bad(file: &str, site: &Site, field: &str, message: &str) -> DeployError {
+    DeployError::BadValue {
+        file: file.to_string(),
+        site: Box::new(site.clone()),
+        field: field.to_string(),
+        message: message.to_string(),
+    }
+}
+
+fn required<T>(v: Option<T>, file: &str, site: &Site, field: &str) -> Result<T, DeployError> {
+    v.ok_or_else(|| DeployError::MissingField {
+        file: file.to_string(),
+        site: Box::new(site.clone()),
+        field: field.to_string(),
+    })
+}
+
+fn one_of<T: Copy>(
+    value: &str,
+    all: &[T],
+    name: impl Fn(T) -> &'static str,
+    file: &str,
+    site: &Site,
+    field: &str,
+) -> Result<T, DeployError> {
+    all.iter()
+        .copied()
+        .find(|t| name(*t) == value)
+        .ok_or_else(|| DeployError::UnknownValue {
+            file: file.to_string(),
+            site: Box::new(site.clone()),
+            field: field.to_string(),
+            value: value.to_string(),
+            allowed: join(all.iter().map(|t| name(*t))),
+        })
+}
+
+fn at_least_one(v: usize, file: &str, site: &Site, field: &str) -> Result<usize, DeployError> {
+    if v >= 1 {
+        return Ok(v);
+    }
+    Err(DeployError::OutOfRange {
+        file: file.to_string(),
+        site: Box::new(site.clone()),
+        field: field.to_string(),
+        value: v.to_string(),
+        rule: ">= 1",
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The field tables (used for unknown-field messages and env overrides) must name exactly
+    /// the raw structs' fields.
+    fn covers<T: DeserializeOwned>(fields: &[&str]) {
+        for f in fields {
+            let mut m = Map::new();
+            m.insert(f.to_string(), Value::Null);
+            assert!(
+                serde_json::from_value::<T>(Value::Object(m)).is_ok(),
+                "field {f}"
+            );
+        }
+        let mut m = Map::new();
+        m.insert("not_a_field".into(), Value::Null);
+        assert!(serde_json::from_value::<T>(Value::Object(m)).is_err());
+    }
+
+    #[test]
+    fn field_tables_match_raw_structs() {
+        covers::<RawTop>(TOP_FIELDS);
+        covers::<RawStage>(&names(STAGE_FIELDS));
+        covers::<RawSampling>(&names(SAMPLING_FIELDS));
+        covers::<RawEdge>(EDGE_FIELDS);
+        covers::<RawStream>(STREAM_FIELDS);
+    }
+}

@@ -1,0 +1,157 @@
+//! Rendering a graph for people: a plain-text summary and a Graphviz DOT digraph.
+
+use super::{join, DeployGraph, EdgeSpec, SamplingParams};
+use std::fmt::Write;
+
+/// The text summary behind [`DeployGraph::to_text`].
+pub(super) fn text(g: &DeployGraph) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "deployment `{}` ({})", g.name, g.source.display());
+    let _ = writeln!(out, "stages ({}):", g.stages.len());
+    for s in &g.stages {
+        let entry = if g.inbound(&s.id).next().is_none() {
+            "  [entry]"
+        } else {
+            ""
+        };
+        let _ = writeln!(out, "  {} ({}){entry}", s.id, s.kind);
+        let _ = writeln!(out, "    model:    {}", s.model.display());
+        let _ = writeln!(
+            out,
+            "    device:   {}  dtype: {}  replicas: {}  process: {}",
+            s.device,
+            s.dtype,
+            s.replicas,
+            if s.process {
+                "own worker"
+            } else {
+                "in-process"
+            }
+        );
+        let max_len = s
+            .max_model_len
+            .map_or_else(|| "model default".to_string(), |l| l.to_string());
+        let _ = writeln!(
+            out,
+            "    batching: max_batch_size={} max_batched_tokens={} max_wait_ms={} max_queue={} max_model_len={max_len}",
+            s.max_batch_size, s.max_batched_tokens, s.max_wait_ms, s.max_queue
+        );
+        let _ = writeln!(out, "    outputs:  {}", join(&s.outputs));
+        let sampling = sampling_text(&s.sampling);
+        if !sampling.is_empty() {
+            let _ = writeln!(out, "    sampling: {sampling}");
+        }
+    }
+    let _ = writeln!(out, "edges ({}):", g.edges.len());
+    for (i, e) in g.edges.iter().enumerate() {
+        let stream = e.stream.map_or_else(
+            || "not streamed".to_string(),
+            |s| format!("stream chunk={}", s.chunk),
+        );
+        let _ = writeln!(
+            out,
+            "  #{} {} -> {}  carries={} connector={} {stream}",
+            i + 1,
+            e.from,
+            e.to,
+            e.carries,
+            e.connector
+        );
+    }
+    let _ = writeln!(out, "outputs:");
+    for (m, id) in &g.outputs {
+        let _ = writeln!(out, "  {m} <- {id}");
+    }
+    out
+}
+
+/// The sampling defaults that are set, as `key=value` pairs.
+fn sampling_text(p: &SamplingParams) -> String {
+    let mut parts = Vec::new();
+    let mut opt = |k: &str, v: Option<String>| {
+        if let Some(v) = v {
+            parts.push(format!("{k}={v}"));
+        }
+    };
+    opt("temperature", p.temperature.map(|v| v.to_string()));
+    opt("top_p", p.top_p.map(|v| v.to_string()));
+    opt("top_k", p.top_k.map(|v| v.to_string()));
+    opt("seed", p.seed.map(|v| v.to_string()));
+    opt("max_tokens", p.max_tokens.map(|v| v.to_string()));
+    opt(
+        "repetition_penalty",
+        p.repetition_penalty.map(|v| v.to_string()),
+    );
+    opt(
+        "stop",
+        (!p.stop.is_empty()).then(|| format!("{:?}", p.stop)),
+    );
+    opt(
+        "stop_token_ids",
+        (!p.stop_token_ids.is_empty()).then(|| format!("{:?}", p.stop_token_ids)),
+    );
+    opt("ignore_eos", p.ignore_eos.then(|| "true".to_string()));
+    parts.join(" ")
+}
+
+/// The DOT digraph behind [`DeployGraph::to_dot`]: one box per stage (`id` and kind), one arrow
+/// per edge (payload, connector, stream chunk), one ellipse per output modality.
+pub(super) fn dot(g: &DeployGraph) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "digraph {} {{", quote(&g.name));
+    let _ = writeln!(out, "  rankdir=LR;");
+    let _ = writeln!(out, "  node [shape=box];");
+    for s in &g.stages {
+        let label = format!("{}\n{}", s.id, s.kind);
+        let _ = writeln!(out, "  {} [label={}];", quote(&s.id), quote(&label));
+    }
+    for e in &g.edges {
+        let _ = writeln!(
+            out,
+            "  {} -> {} [label={}];",
+            quote(&e.from),
+            quote(&e.to),
+            quote(&edge_label(e))
+        );
+    }
+    for (m, id) in &g.outputs {
+        let mut sink = format!("output:{m}");
+        while g.stage(&sink).is_some() {
+            sink.insert(0, '_');
+        }
+        let _ = writeln!(
+            out,
+            "  {} [shape=ellipse, style=dashed, label={}];",
+            quote(&sink),
+            quote(m.as_str())
+        );
+        let _ = writeln!(out, "  {} -> {} [style=dashed];", quote(id), quote(&sink));
+    }
+    out.push_str("}\n");
+    out
+}
+
+fn edge_label(e: &EdgeSpec) -> String {
+    let mut label = format!("{}\n{}", e.carries, e.connector);
+    if let Some(s) = e.stream {
+        let _ = write!(label, ", stream chunk={}", s.chunk);
+    }
+    label
+}
+
+/// A DOT double-quoted string; newlines become `\n` line breaks.
+fn quote(s: &str) -> String {
+    let mut q = String::with_capacity(s.len() + 2);
+    q.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => q.push_str("\\\""),
+            '\\' => q.push_str("\\\\"),
+            '\n' => q.push_str("\\n"),
+            '\r' => {}
+            c => q.push(c),
+        }
+    }
+    q.push('"');
+    q
+}
