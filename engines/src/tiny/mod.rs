@@ -1,0 +1,120 @@
+//! `make-tiny`: seeded random-weight checkpoints in the real Hugging Face layouts, for tests,
+//! benchmarks and the embedded default deployment.
+//!
+//! Every file is a pure function of its inputs: the same seed gives byte-identical files (the
+//! BPE merges are learned deterministically from an embedded corpus, weights come from
+//! `StdRng::seed_from_u64` per tensor, JSON keys are written sorted), and another seed gives
+//! other weights.
+
+mod bpe;
+mod corpus;
+mod llm;
+
+pub use bpe::{BPE_VOCAB_SIZE, ENDOFTEXT, IM_END, IM_START, SPECIAL_TOKENS};
+pub use llm::{write_tiny_llm, TinyFamily, TinyLlmSpec, TINY_CHAT_TEMPLATE};
+
+use std::path::{Path, PathBuf};
+
+/// Name of the tiny model set directory under the output folder.
+pub const TINY_OMNI_DIR: &str = "tiny-omni";
+
+/// Errors from writing tiny checkpoints. Each names the file or the bad setting.
+#[derive(Debug, thiserror::Error)]
+pub enum TinyError {
+    /// Creating a directory or writing a file failed.
+    #[error("{}: {source}", path.display())]
+    Io {
+        /// The file or directory.
+        path: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Serializing a JSON file failed.
+    #[error("{}: cannot serialize JSON: {source}", path.display())]
+    Json {
+        /// The file.
+        path: PathBuf,
+        /// The serialization error.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// Writing the safetensors file failed.
+    #[error("{}: cannot write safetensors: {source}", path.display())]
+    Safetensors {
+        /// The file.
+        path: PathBuf,
+        /// The safetensors error.
+        #[source]
+        source: safetensors::SafeTensorError,
+    },
+    /// Building the tiny tokenizer failed.
+    #[error("tiny tokenizer: {0}")]
+    Tokenizer(String),
+    /// The requested model shape is inconsistent.
+    #[error("invalid tiny model spec: {0}")]
+    InvalidSpec(String),
+}
+
+/// One checkpoint written by [`make_tiny`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TinyCheckpoint {
+    /// The stage it is for (`"thinker"`).
+    pub stage: String,
+    /// The stage kind, as in the deployment file (`"llm"`).
+    pub kind: String,
+    /// The checkpoint directory.
+    pub dir: PathBuf,
+    /// Every file written into `dir`.
+    pub files: Vec<PathBuf>,
+}
+
+/// What [`make_tiny`] wrote.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TinyManifest {
+    /// `out/tiny-omni`.
+    pub root: PathBuf,
+    /// One entry per stage checkpoint, in a fixed order.
+    pub checkpoints: Vec<TinyCheckpoint>,
+}
+
+impl TinyManifest {
+    /// The checkpoint written for `stage`, if any.
+    pub fn checkpoint(&self, stage: &str) -> Option<&TinyCheckpoint> {
+        self.checkpoints.iter().find(|c| c.stage == stage)
+    }
+
+    /// Every file written, in order.
+    pub fn files(&self) -> impl Iterator<Item = &Path> {
+        self.checkpoints
+            .iter()
+            .flat_map(|c| c.files.iter().map(PathBuf::as_path))
+    }
+}
+
+/// Writes the tiny omni model set under `out/tiny-omni/`, one checkpoint per stage kind the
+/// project supports: currently `thinker/`, a [`TinyLlmSpec::tiny_qwen3`] LLM.
+///
+/// Existing files are overwritten. Same `seed` ⇒ byte-identical files.
+pub fn make_tiny(out: &Path, seed: u64) -> Result<TinyManifest, TinyError> {
+    let root = out.join(TINY_OMNI_DIR);
+    let thinker = root.join("thinker");
+    let files = write_tiny_llm(&thinker, &TinyLlmSpec::tiny_qwen3(), seed)?;
+    Ok(TinyManifest {
+        root,
+        checkpoints: vec![TinyCheckpoint {
+            stage: "thinker".into(),
+            kind: "llm".into(),
+            dir: thinker,
+            files,
+        }],
+    })
+}
+
+/// Writes `bytes` to `path`, naming the path on error.
+pub(crate) fn write_file(path: &Path, bytes: &[u8]) -> Result<(), TinyError> {
+    std::fs::write(path, bytes).map_err(|source| TinyError::Io {
+        path: path.to_path_buf(),
+        source,
+    })
+}
