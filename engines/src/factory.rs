@@ -35,15 +35,16 @@ pub fn candle_dtype(dtype: DType) -> candle_core::DType {
     }
 }
 
-/// Loads the engine for one replica of `spec`.
-pub fn build_engine(spec: &StageSpec) -> Result<Box<dyn StageEngine>, BuildError> {
+/// Loads the engine for one replica of `spec`. `consumed` lists the payload kinds downstream
+/// stages take from it, so costly outputs (hidden states) are only computed when someone reads them.
+pub fn build_engine(spec: &StageSpec, consumed: &[PayloadKind]) -> Result<Box<dyn StageEngine>, BuildError> {
     match spec.kind {
         StageKind::Llm => {
             let device = candle_device(&spec.id, spec.device)?;
             let settings = LlmEngineSettings {
                 max_model_len: spec.max_model_len,
                 sampling: spec.sampling.clone(),
-                emit_hidden: spec.outputs.contains(&PayloadKind::Hidden),
+                emit_hidden: consumed.contains(&PayloadKind::Hidden),
             };
             let engine = LlmEngine::load(&spec.model, candle_dtype(spec.dtype), &device, settings)
                 .map_err(|e| BuildError::Load { stage: spec.id.clone(), message: e.to_string() })?;

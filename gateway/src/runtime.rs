@@ -7,6 +7,7 @@ use crate::pool::StagePool;
 use omnistage_connectors::connector_for;
 use omnistage_scheduler::{spawn_stage, BatchLimits};
 use omnistage_stages::deploy::DeployGraph;
+use omnistage_stages::PayloadKind;
 use serde_json::{json, Value};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
@@ -93,9 +94,10 @@ pub fn start(graph: DeployGraph, metrics: Arc<Metrics>, slot: &RuntimeSlot) -> R
     }
     let mut pools = Vec::new();
     for (index, spec) in graph.stages.iter().enumerate() {
+        let consumed: Vec<PayloadKind> = graph.edges.iter().filter(|e| e.from == spec.id).map(|e| e.carries).collect();
         let mut replicas = Vec::new();
         for replica in 0..spec.replicas {
-            let engine = match omnistage_engines::factory::build_engine(spec) {
+            let engine = match omnistage_engines::factory::build_engine(spec, &consumed) {
                 Ok(e) => e,
                 Err(err) => {
                     slot.set_state(&spec.id, StageState::Failed(err.to_string()));
