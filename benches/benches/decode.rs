@@ -15,10 +15,19 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }
 
-async fn run_level(client: &reqwest::Client, url: &str, concurrency: usize, requests: usize, tokens: usize) -> (usize, Duration) {
+async fn run_level(
+    client: &reqwest::Client,
+    url: &str,
+    concurrency: usize,
+    requests: usize,
+    tokens: usize,
+) -> (usize, Duration) {
     let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let start = Instant::now();
     let mut tasks = Vec::new();
@@ -61,8 +70,12 @@ fn main() {
         "name = \"bench\"\n[[stage]]\nid = \"llm\"\nkind = \"llm\"\nmodel = \"{}\"\nmax_batch_size = 64\nmax_queue = 1024\n[outputs]\ntext = \"llm\"\n",
         model_dir.display()
     );
-    let graph = DeployGraph::from_toml_str(&toml, Path::new("bench.toml"), Path::new("."), &[]).expect("graph");
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
+    let graph = DeployGraph::from_toml_str(&toml, Path::new("bench.toml"), Path::new("."), &[])
+        .expect("graph");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
     rt.block_on(async {
         let options = ServeOptions { addr: "127.0.0.1:0".parse().unwrap(), request_timeout: Duration::from_secs(3600) };
         let server = Server::start(graph, options).await.expect("server");

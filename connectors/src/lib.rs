@@ -55,7 +55,10 @@ mod tests {
     #[test]
     fn inproc_handover_shares_the_buffer() {
         let hidden = HiddenStates::new(vec![1.0; 4096], 64);
-        let delivered = connector_for(ConnectorKind::Inproc).unwrap().deliver(Payload::Hidden(hidden.clone())).unwrap();
+        let delivered = connector_for(ConnectorKind::Inproc)
+            .unwrap()
+            .deliver(Payload::Hidden(hidden.clone()))
+            .unwrap();
         match delivered {
             Payload::Hidden(h) => assert!(std::sync::Arc::ptr_eq(&h.data, &hidden.data)),
             other => panic!("expected hidden states, got {other:?}"),

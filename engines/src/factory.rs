@@ -8,7 +8,11 @@ use omnistage_stages::{PayloadKind, StageEngine};
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {
     #[error("stage `{stage}`: device {device}: {message}")]
-    Device { stage: String, device: String, message: String },
+    Device {
+        stage: String,
+        device: String,
+        message: String,
+    },
     #[error("stage `{stage}`: {message}")]
     Load { stage: String, message: String },
     #[error("stage `{stage}`: stage kind `{kind}` has no engine in this build yet; only `llm` stages can run")]
@@ -37,7 +41,10 @@ pub fn candle_dtype(dtype: DType) -> candle_core::DType {
 
 /// Loads the engine for one replica of `spec`. `consumed` lists the payload kinds downstream
 /// stages take from it, so costly outputs (hidden states) are only computed when someone reads them.
-pub fn build_engine(spec: &StageSpec, consumed: &[PayloadKind]) -> Result<Box<dyn StageEngine>, BuildError> {
+pub fn build_engine(
+    spec: &StageSpec,
+    consumed: &[PayloadKind],
+) -> Result<Box<dyn StageEngine>, BuildError> {
     match spec.kind {
         StageKind::Llm => {
             let device = candle_device(&spec.id, spec.device)?;
@@ -47,9 +54,15 @@ pub fn build_engine(spec: &StageSpec, consumed: &[PayloadKind]) -> Result<Box<dy
                 emit_hidden: consumed.contains(&PayloadKind::Hidden),
             };
             let engine = LlmEngine::load(&spec.model, candle_dtype(spec.dtype), &device, settings)
-                .map_err(|e| BuildError::Load { stage: spec.id.clone(), message: e.to_string() })?;
+                .map_err(|e| BuildError::Load {
+                    stage: spec.id.clone(),
+                    message: e.to_string(),
+                })?;
             Ok(Box::new(engine))
         }
-        other => Err(BuildError::UnsupportedKind { stage: spec.id.clone(), kind: format!("{other:?}").to_lowercase() }),
+        other => Err(BuildError::UnsupportedKind {
+            stage: spec.id.clone(),
+            kind: format!("{other:?}").to_lowercase(),
+        }),
     }
 }

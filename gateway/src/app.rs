@@ -23,7 +23,10 @@ pub enum ServeError {
     #[error("making the tiny checkpoints in {dir}: {message}")]
     MakeTiny { dir: String, message: String },
     #[error("binding {addr}: {source}")]
-    Bind { addr: String, source: std::io::Error },
+    Bind {
+        addr: String,
+        source: std::io::Error,
+    },
     #[error("serving: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -50,16 +53,24 @@ pub fn ensure_tiny_checkpoints(cache: &Path) -> Result<(), ServeError> {
     if std::fs::read_to_string(&stamp).ok().as_deref() == Some(TINY_CACHE_VERSION) {
         return Ok(());
     }
-    let err = |message: String| ServeError::MakeTiny { dir: cache.display().to_string(), message };
+    let err = |message: String| ServeError::MakeTiny {
+        dir: cache.display().to_string(),
+        message,
+    };
     let bar = indicatif::ProgressBar::new_spinner();
     bar.set_style(
-        indicatif::ProgressStyle::with_template("{spinner} {msg} [{elapsed}]").unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
+        indicatif::ProgressStyle::with_template("{spinner} {msg} [{elapsed}]")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
     );
     bar.set_message(format!("making tiny checkpoints in {}", cache.display()));
     bar.enable_steady_tick(Duration::from_millis(100));
     let manifest = omnistage_engines::tiny::make_tiny(cache, 0).map_err(|e| err(e.to_string()))?;
     std::fs::write(&stamp, TINY_CACHE_VERSION).map_err(|e| err(e.to_string()))?;
-    bar.finish_with_message(format!("made {} tiny checkpoint files in {}", manifest.files().count(), cache.display()));
+    bar.finish_with_message(format!(
+        "made {} tiny checkpoint files in {}",
+        manifest.files().count(),
+        cache.display()
+    ));
     Ok(())
 }
 
@@ -72,7 +83,12 @@ pub fn load_deployment(file: Option<&Path>) -> Result<DeployGraph, ServeError> {
             let cache = default_cache_dir();
             ensure_tiny_checkpoints(&cache)?;
             let env: Vec<(String, String)> = std::env::vars().collect();
-            DeployGraph::from_toml_str(DEFAULT_DEPLOY_TOML, Path::new("<embedded>/tiny-omni.toml"), &cache, &env)?
+            DeployGraph::from_toml_str(
+                DEFAULT_DEPLOY_TOML,
+                Path::new("<embedded>/tiny-omni.toml"),
+                &cache,
+                &env,
+            )?
         }
     };
     graph.check_models()?;
@@ -106,7 +122,10 @@ impl Server {
         };
         let listener = tokio::net::TcpListener::bind(options.addr)
             .await
-            .map_err(|source| ServeError::Bind { addr: options.addr.to_string(), source })?;
+            .map_err(|source| ServeError::Bind {
+                addr: options.addr.to_string(),
+                source,
+            })?;
         let addr = listener.local_addr()?;
         let loader_slot = slot.clone();
         tokio::task::spawn_blocking(move || {
@@ -116,7 +135,9 @@ impl Server {
         });
         let app = router(state.clone());
         let task = tokio::spawn(async move {
-            axum::serve(listener, app).with_graceful_shutdown(shutdown_signal()).await
+            axum::serve(listener, app)
+                .with_graceful_shutdown(shutdown_signal())
+                .await
         });
         Ok(Server { addr, state, task })
     }
@@ -129,7 +150,10 @@ impl Server {
             if ready {
                 return Ok(());
             }
-            if stages.as_object().is_some_and(|m| m.values().any(|s| s["state"] == "failed")) {
+            if stages
+                .as_object()
+                .is_some_and(|m| m.values().any(|s| s["state"] == "failed"))
+            {
                 return Err(format!("a stage failed to load: {stages}"));
             }
             if start.elapsed() > timeout {

@@ -10,7 +10,11 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 #[derive(Parser)]
-#[command(name = "omnistage", version, about = "Serve any-to-any multimodal models as a graph of batched stages")]
+#[command(
+    name = "omnistage",
+    version,
+    about = "Serve any-to-any multimodal models as a graph of batched stages"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -49,13 +53,19 @@ enum Command {
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Serve { deploy, host, port, request_timeout } => serve(deploy, host, port, request_timeout),
+        Command::Serve {
+            deploy,
+            host,
+            port,
+            request_timeout,
+        } => serve(deploy, host, port, request_timeout),
         Command::Check { file, no_models } => check(file, no_models),
         Command::MakeTiny { out, seed } => omnistage_engines::tiny::make_tiny(&out, seed)
             .map(|m| {
@@ -84,13 +94,28 @@ fn check(file: PathBuf, no_models: bool) -> Result<(), String> {
     Ok(())
 }
 
-fn serve(deploy: Option<PathBuf>, host: String, port: u16, request_timeout: u64) -> Result<(), String> {
-    let addr: SocketAddr = format!("{host}:{port}").parse().map_err(|e| format!("bad --host/--port `{host}:{port}`: {e}"))?;
+fn serve(
+    deploy: Option<PathBuf>,
+    host: String,
+    port: u16,
+    request_timeout: u64,
+) -> Result<(), String> {
+    let addr: SocketAddr = format!("{host}:{port}")
+        .parse()
+        .map_err(|e| format!("bad --host/--port `{host}:{port}`: {e}"))?;
     let graph = load_deployment(deploy.as_deref()).map_err(|e| e.to_string())?;
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(|e| e.to_string())?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
     runtime.block_on(async move {
-        let options = ServeOptions { addr, request_timeout: Duration::from_secs(request_timeout) };
-        let server = Server::start(graph, options).await.map_err(|e| e.to_string())?;
+        let options = ServeOptions {
+            addr,
+            request_timeout: Duration::from_secs(request_timeout),
+        };
+        let server = Server::start(graph, options)
+            .await
+            .map_err(|e| e.to_string())?;
         tracing::info!("omnistage listening on http://{}", server.addr);
         server.run().await.map_err(|e| e.to_string())
     })

@@ -28,7 +28,9 @@ pub mod names {
     pub const CONNECTOR_TRANSFER_SECONDS: &str = "omnistage_connector_transfer_seconds";
 }
 
-const LATENCY_BUCKETS: &[f64] = &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0];
+const LATENCY_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
+];
 const BATCH_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0];
 
 /// The server's metrics.
@@ -52,20 +54,32 @@ pub struct Metrics {
 
 fn gauge(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
     let g = IntGaugeVec::new(Opts::new(name, help), labels).expect("static metric definition");
-    r.register(Box::new(g.clone())).expect("metric names are unique");
+    r.register(Box::new(g.clone()))
+        .expect("metric names are unique");
     g
 }
 
 fn counter(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
     let c = IntCounterVec::new(Opts::new(name, help), labels).expect("static metric definition");
-    r.register(Box::new(c.clone())).expect("metric names are unique");
+    r.register(Box::new(c.clone()))
+        .expect("metric names are unique");
     c
 }
 
-fn histogram(r: &Registry, name: &str, help: &str, labels: &[&str], buckets: &[f64]) -> HistogramVec {
-    let h = HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets.to_vec()), labels)
-        .expect("static metric definition");
-    r.register(Box::new(h.clone())).expect("metric names are unique");
+fn histogram(
+    r: &Registry,
+    name: &str,
+    help: &str,
+    labels: &[&str],
+    buckets: &[f64],
+) -> HistogramVec {
+    let h = HistogramVec::new(
+        HistogramOpts::new(name, help).buckets(buckets.to_vec()),
+        labels,
+    )
+    .expect("static metric definition");
+    r.register(Box::new(h.clone()))
+        .expect("metric names are unique");
     h
 }
 
@@ -81,20 +95,80 @@ impl Metrics {
         let r = Registry::new();
         let sr = &["stage", "replica"];
         Self {
-            queue_depth: gauge(&r, STAGE_QUEUE_DEPTH, "Jobs waiting in the stage's queue.", sr),
+            queue_depth: gauge(
+                &r,
+                STAGE_QUEUE_DEPTH,
+                "Jobs waiting in the stage's queue.",
+                sr,
+            ),
             running: gauge(&r, STAGE_RUNNING, "Jobs in the stage's running batch.", sr),
-            step_batch: histogram(&r, STAGE_STEP_BATCH_SIZE, "Jobs per engine step.", sr, BATCH_BUCKETS),
-            step_seconds: histogram(&r, STAGE_STEP_SECONDS, "Engine step latency.", sr, LATENCY_BUCKETS),
-            step_tokens: counter(&r, STAGE_STEP_TOKENS_TOTAL, "Input tokens processed by engine steps.", sr),
-            state_bytes: gauge(&r, STAGE_STATE_BYTES, "Bytes of per-job engine state (KV cache).", sr),
-            stage_failures: counter(&r, STAGE_JOB_FAILURES_TOTAL, "Jobs a stage failed.", &["stage", "replica", "reason"]),
-            generated_tokens: counter(&r, GENERATED_TOKENS_TOTAL, "Tokens generated for clients.", &["stage"]),
-            request_seconds: histogram(&r, REQUEST_SECONDS, "Job completion time.", &["outcome"], LATENCY_BUCKETS),
-            ttft: histogram(&r, TIME_TO_FIRST_TOKEN_SECONDS, "Time to first output token.", &[], LATENCY_BUCKETS),
+            step_batch: histogram(
+                &r,
+                STAGE_STEP_BATCH_SIZE,
+                "Jobs per engine step.",
+                sr,
+                BATCH_BUCKETS,
+            ),
+            step_seconds: histogram(
+                &r,
+                STAGE_STEP_SECONDS,
+                "Engine step latency.",
+                sr,
+                LATENCY_BUCKETS,
+            ),
+            step_tokens: counter(
+                &r,
+                STAGE_STEP_TOKENS_TOTAL,
+                "Input tokens processed by engine steps.",
+                sr,
+            ),
+            state_bytes: gauge(
+                &r,
+                STAGE_STATE_BYTES,
+                "Bytes of per-job engine state (KV cache).",
+                sr,
+            ),
+            stage_failures: counter(
+                &r,
+                STAGE_JOB_FAILURES_TOTAL,
+                "Jobs a stage failed.",
+                &["stage", "replica", "reason"],
+            ),
+            generated_tokens: counter(
+                &r,
+                GENERATED_TOKENS_TOTAL,
+                "Tokens generated for clients.",
+                &["stage"],
+            ),
+            request_seconds: histogram(
+                &r,
+                REQUEST_SECONDS,
+                "Job completion time.",
+                &["outcome"],
+                LATENCY_BUCKETS,
+            ),
+            ttft: histogram(
+                &r,
+                TIME_TO_FIRST_TOKEN_SECONDS,
+                "Time to first output token.",
+                &[],
+                LATENCY_BUCKETS,
+            ),
             requests: counter(&r, REQUESTS_TOTAL, "Requests by outcome.", &["outcome"]),
             errors: counter(&r, ERRORS_TOTAL, "Errors by reason.", &["reason"]),
-            connector_bytes: counter(&r, CONNECTOR_BYTES_TOTAL, "Payload bytes moved across edges.", &["edge"]),
-            connector_seconds: histogram(&r, CONNECTOR_TRANSFER_SECONDS, "Edge transfer latency.", &["edge"], LATENCY_BUCKETS),
+            connector_bytes: counter(
+                &r,
+                CONNECTOR_BYTES_TOTAL,
+                "Payload bytes moved across edges.",
+                &["edge"],
+            ),
+            connector_seconds: histogram(
+                &r,
+                CONNECTOR_TRANSFER_SECONDS,
+                "Edge transfer latency.",
+                &["edge"],
+                LATENCY_BUCKETS,
+            ),
             registry: r,
         }
     }
@@ -110,13 +184,23 @@ impl Metrics {
     }
 
     /// An observer for one stage replica's scheduler.
-    pub fn stage_observer(self: &std::sync::Arc<Self>, stage: &str, replica: usize) -> StageMetrics {
-        StageMetrics { metrics: self.clone(), stage: stage.to_string(), replica: replica.to_string() }
+    pub fn stage_observer(
+        self: &std::sync::Arc<Self>,
+        stage: &str,
+        replica: usize,
+    ) -> StageMetrics {
+        StageMetrics {
+            metrics: self.clone(),
+            stage: stage.to_string(),
+            replica: replica.to_string(),
+        }
     }
 
     /// Records the size of a stage's per-job state.
     pub fn set_state_bytes(&self, stage: &str, replica: usize, bytes: usize) {
-        self.state_bytes.with_label_values(&[stage, &replica.to_string()]).set(bytes as i64);
+        self.state_bytes
+            .with_label_values(&[stage, &replica.to_string()])
+            .set(bytes as i64);
     }
 
     /// Counts an error answered to a client.
@@ -135,34 +219,60 @@ pub struct StageMetrics {
 impl StageObserver for StageMetrics {
     fn step_done(&self, batch_size: usize, tokens: usize, elapsed: Duration) {
         let l = [self.stage.as_str(), self.replica.as_str()];
-        self.metrics.step_batch.with_label_values(&l).observe(batch_size as f64);
-        self.metrics.step_seconds.with_label_values(&l).observe(elapsed.as_secs_f64());
-        self.metrics.step_tokens.with_label_values(&l).inc_by(tokens as u64);
+        self.metrics
+            .step_batch
+            .with_label_values(&l)
+            .observe(batch_size as f64);
+        self.metrics
+            .step_seconds
+            .with_label_values(&l)
+            .observe(elapsed.as_secs_f64());
+        self.metrics
+            .step_tokens
+            .with_label_values(&l)
+            .inc_by(tokens as u64);
     }
 
     fn queue_changed(&self, waiting: usize, running: usize) {
         let l = [self.stage.as_str(), self.replica.as_str()];
-        self.metrics.queue_depth.with_label_values(&l).set(waiting as i64);
-        self.metrics.running.with_label_values(&l).set(running as i64);
+        self.metrics
+            .queue_depth
+            .with_label_values(&l)
+            .set(waiting as i64);
+        self.metrics
+            .running
+            .with_label_values(&l)
+            .set(running as i64);
     }
 
     fn job_failed(&self, reason: &str) {
-        self.metrics.stage_failures.with_label_values(&[self.stage.as_str(), self.replica.as_str(), reason]).inc();
+        self.metrics
+            .stage_failures
+            .with_label_values(&[self.stage.as_str(), self.replica.as_str(), reason])
+            .inc();
     }
 }
 
 impl JobObserver for Metrics {
     fn first_output(&self, since_start: Duration) {
-        self.ttft.with_label_values::<&str>(&[]).observe(since_start.as_secs_f64());
+        self.ttft
+            .with_label_values::<&str>(&[])
+            .observe(since_start.as_secs_f64());
     }
 
     fn finished(&self, outcome: &str, since_start: Duration) {
-        self.request_seconds.with_label_values(&[outcome]).observe(since_start.as_secs_f64());
+        self.request_seconds
+            .with_label_values(&[outcome])
+            .observe(since_start.as_secs_f64());
         self.requests.with_label_values(&[outcome]).inc();
     }
 
     fn transfer(&self, edge: &str, bytes: usize, seconds: f64) {
-        self.connector_bytes.with_label_values(&[edge]).inc_by(bytes as u64);
-        self.connector_seconds.with_label_values(&[edge]).observe(seconds);
+        self.connector_bytes
+            .with_label_values(&[edge])
+            .inc_by(bytes as u64);
+        self.connector_seconds
+            .with_label_values(&[edge])
+            .observe(seconds);
     }
 }

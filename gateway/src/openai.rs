@@ -26,7 +26,10 @@ pub struct BadRequest {
 
 impl BadRequest {
     pub fn new(param: &str, message: impl Into<String>) -> Self {
-        Self { message: message.into(), param: Some(param.to_string()) }
+        Self {
+            message: message.into(),
+            param: Some(param.to_string()),
+        }
     }
 }
 
@@ -72,44 +75,83 @@ impl SamplingFields {
         let max_tokens = match self.max_completion_tokens.or(self.max_tokens) {
             None => None,
             Some(n) if n >= 1 && (n as usize) <= MAX_TOKENS_LIMIT => Some(n as usize),
-            Some(n) => return Err(BadRequest::new("max_tokens", format!("max_tokens must be between 1 and {MAX_TOKENS_LIMIT}, got {n}"))),
+            Some(n) => {
+                return Err(BadRequest::new(
+                    "max_tokens",
+                    format!("max_tokens must be between 1 and {MAX_TOKENS_LIMIT}, got {n}"),
+                ))
+            }
         };
         if let Some(t) = self.temperature {
             if !(0.0..=2.0).contains(&t) || t.is_nan() {
-                return Err(BadRequest::new("temperature", format!("temperature must be between 0 and 2, got {t}")));
+                return Err(BadRequest::new(
+                    "temperature",
+                    format!("temperature must be between 0 and 2, got {t}"),
+                ));
             }
         }
         if let Some(p) = self.top_p {
             if !(p > 0.0 && p <= 1.0) {
-                return Err(BadRequest::new("top_p", format!("top_p must be in (0, 1], got {p}")));
+                return Err(BadRequest::new(
+                    "top_p",
+                    format!("top_p must be in (0, 1], got {p}"),
+                ));
             }
         }
         let top_k = match self.top_k {
             None | Some(-1) | Some(0) => None,
             Some(k) if k > 0 => Some(k as usize),
-            Some(k) => return Err(BadRequest::new("top_k", format!("top_k must be -1, 0 or positive, got {k}"))),
+            Some(k) => {
+                return Err(BadRequest::new(
+                    "top_k",
+                    format!("top_k must be -1, 0 or positive, got {k}"),
+                ))
+            }
         };
         if let Some(r) = self.repetition_penalty {
             if !(r > 0.0 && r <= 10.0) {
-                return Err(BadRequest::new("repetition_penalty", format!("repetition_penalty must be in (0, 10], got {r}")));
+                return Err(BadRequest::new(
+                    "repetition_penalty",
+                    format!("repetition_penalty must be in (0, 10], got {r}"),
+                ));
             }
         }
-        for (name, v) in [("presence_penalty", self.presence_penalty), ("frequency_penalty", self.frequency_penalty)] {
+        for (name, v) in [
+            ("presence_penalty", self.presence_penalty),
+            ("frequency_penalty", self.frequency_penalty),
+        ] {
             if v.is_some_and(|v| v != 0.0) {
-                return Err(BadRequest::new(name, format!("{name} is not supported; use repetition_penalty")));
+                return Err(BadRequest::new(
+                    name,
+                    format!("{name} is not supported; use repetition_penalty"),
+                ));
             }
         }
         if let Some(n) = self.n {
             if n != 1 {
-                return Err(BadRequest::new("n", format!("only n = 1 is supported, got {n}")));
+                return Err(BadRequest::new(
+                    "n",
+                    format!("only n = 1 is supported, got {n}"),
+                ));
             }
         }
-        if self.logprobs.as_ref().is_some_and(|v| !v.is_null() && *v != Value::Bool(false) && *v != Value::from(0)) {
+        if self
+            .logprobs
+            .as_ref()
+            .is_some_and(|v| !v.is_null() && v.as_bool() != Some(false) && v.as_u64() != Some(0))
+        {
             return Err(BadRequest::new("logprobs", "logprobs are not supported"));
         }
-        let stop = self.stop.clone().map(StopField::into_vec).unwrap_or_default();
+        let stop = self
+            .stop
+            .clone()
+            .map(StopField::into_vec)
+            .unwrap_or_default();
         if stop.len() > 16 {
-            return Err(BadRequest::new("stop", "at most 16 stop strings are allowed"));
+            return Err(BadRequest::new(
+                "stop",
+                "at most 16 stop strings are allowed",
+            ));
         }
         Ok(SamplingParams {
             temperature: self.temperature,
@@ -172,8 +214,14 @@ impl ChatCompletionRequest {
         }
         let mut out = Vec::with_capacity(self.messages.len());
         for (i, m) in self.messages.iter().enumerate() {
-            if !matches!(m.role.as_str(), "system" | "developer" | "user" | "assistant" | "tool") {
-                return Err(BadRequest::new(&format!("messages[{i}].role"), format!("unknown role `{}`", m.role)));
+            if !matches!(
+                m.role.as_str(),
+                "system" | "developer" | "user" | "assistant" | "tool"
+            ) {
+                return Err(BadRequest::new(
+                    &format!("messages[{i}].role"),
+                    format!("unknown role `{}`", m.role),
+                ));
             }
             let content = match &m.content {
                 None => String::new(),
@@ -197,7 +245,11 @@ impl ChatCompletionRequest {
                     text
                 }
             };
-            let role = if m.role == "developer" { "system".to_string() } else { m.role.clone() };
+            let role = if m.role == "developer" {
+                "system".to_string()
+            } else {
+                m.role.clone()
+            };
             out.push(ChatMessage { role, content });
         }
         Ok(out)
@@ -210,9 +262,14 @@ impl ChatCompletionRequest {
 
 /// Reads `modalities`; default text.
 pub fn parse_modalities(list: Option<&[String]>) -> Result<Vec<Modality>, BadRequest> {
-    let Some(list) = list else { return Ok(vec![Modality::Text]) };
+    let Some(list) = list else {
+        return Ok(vec![Modality::Text]);
+    };
     if list.is_empty() {
-        return Err(BadRequest::new("modalities", "modalities must not be empty"));
+        return Err(BadRequest::new(
+            "modalities",
+            "modalities must not be empty",
+        ));
     }
     let mut out = Vec::new();
     for m in list {
@@ -220,7 +277,12 @@ pub fn parse_modalities(list: Option<&[String]>) -> Result<Vec<Modality>, BadReq
             "text" => Modality::Text,
             "image" => Modality::Image,
             "audio" => Modality::Audio,
-            other => return Err(BadRequest::new("modalities", format!("unknown modality `{other}`; use text, image or audio"))),
+            other => {
+                return Err(BadRequest::new(
+                    "modalities",
+                    format!("unknown modality `{other}`; use text, image or audio"),
+                ))
+            }
         };
         if !out.contains(&modality) {
             out.push(modality);
@@ -258,7 +320,13 @@ impl CompletionRequest {
         match &self.prompt {
             PromptField::One(s) => Ok(s.clone()),
             PromptField::Many(v) if v.len() == 1 => Ok(v[0].clone()),
-            PromptField::Many(v) => Err(BadRequest::new("prompt", format!("exactly one prompt per request is supported, got {}", v.len()))),
+            PromptField::Many(v) => Err(BadRequest::new(
+                "prompt",
+                format!(
+                    "exactly one prompt per request is supported, got {}",
+                    v.len()
+                ),
+            )),
         }
     }
 }
@@ -272,7 +340,11 @@ pub struct UsageBody {
 
 impl From<omnistage_stages::Usage> for UsageBody {
     fn from(u: omnistage_stages::Usage) -> Self {
-        Self { prompt_tokens: u.prompt_tokens, completion_tokens: u.completion_tokens, total_tokens: u.prompt_tokens + u.completion_tokens }
+        Self {
+            prompt_tokens: u.prompt_tokens,
+            completion_tokens: u.completion_tokens,
+            total_tokens: u.prompt_tokens + u.completion_tokens,
+        }
     }
 }
 
@@ -286,7 +358,9 @@ mod tests {
 
     #[test]
     fn parses_string_and_part_contents() {
-        let r = chat(r#"{"model":"m","messages":[{"role":"system","content":"be brief"},{"role":"user","content":[{"type":"text","text":"hi "},{"type":"text","text":"there"}]}]}"#);
+        let r = chat(
+            r#"{"model":"m","messages":[{"role":"system","content":"be brief"},{"role":"user","content":[{"type":"text","text":"hi "},{"type":"text","text":"there"}]}]}"#,
+        );
         let m = r.chat_messages().unwrap();
         assert_eq!(m[1].content, "hi there");
         assert_eq!(r.output_modalities().unwrap(), vec![Modality::Text]);
@@ -303,7 +377,9 @@ mod tests {
             (r#""presence_penalty":0.5"#, "presence_penalty"),
         ];
         for (field, param) in bad {
-            let r = chat(&format!(r#"{{"messages":[{{"role":"user","content":"x"}}],{field}}}"#));
+            let r = chat(&format!(
+                r#"{{"messages":[{{"role":"user","content":"x"}}],{field}}}"#
+            ));
             let err = r.sampling.to_params().unwrap_err();
             assert_eq!(err.param.as_deref(), Some(param), "{field}");
         }
@@ -311,17 +387,31 @@ mod tests {
 
     #[test]
     fn stop_accepts_string_or_list() {
-        let r = chat(r#"{"messages":[{"role":"user","content":"x"}],"stop":"END","temperature":0}"#);
-        assert_eq!(r.sampling.to_params().unwrap().stop, vec!["END".to_string()]);
+        let r =
+            chat(r#"{"messages":[{"role":"user","content":"x"}],"stop":"END","temperature":0}"#);
+        assert_eq!(
+            r.sampling.to_params().unwrap().stop,
+            vec!["END".to_string()]
+        );
         let r = chat(r#"{"messages":[{"role":"user","content":"x"}],"stop":["a","b"]}"#);
         assert_eq!(r.sampling.to_params().unwrap().stop.len(), 2);
     }
 
     #[test]
     fn rejects_unknown_roles_parts_and_modalities() {
-        assert!(chat(r#"{"messages":[{"role":"wizard","content":"x"}]}"#).chat_messages().is_err());
-        assert!(chat(r#"{"messages":[{"role":"user","content":[{"type":"image_url"}]}]}"#).chat_messages().is_err());
-        assert!(chat(r#"{"messages":[{"role":"user","content":"x"}],"modalities":["smell"]}"#).output_modalities().is_err());
+        assert!(chat(r#"{"messages":[{"role":"wizard","content":"x"}]}"#)
+            .chat_messages()
+            .is_err());
+        assert!(
+            chat(r#"{"messages":[{"role":"user","content":[{"type":"image_url"}]}]}"#)
+                .chat_messages()
+                .is_err()
+        );
+        assert!(
+            chat(r#"{"messages":[{"role":"user","content":"x"}],"modalities":["smell"]}"#)
+                .output_modalities()
+                .is_err()
+        );
         assert!(chat(r#"{"messages":[]}"#).chat_messages().is_err());
     }
 }

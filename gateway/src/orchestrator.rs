@@ -11,7 +11,8 @@ use dashmap::DashMap;
 use omnistage_connectors::Connector;
 use omnistage_stages::deploy::DeployGraph;
 use omnistage_stages::{
-    EngineError, FinishReason, JobId, JobRequest, Modality, Payload, PayloadKind, StageEvent, StageInput, Usage,
+    EngineError, FinishReason, JobId, JobRequest, Modality, Payload, PayloadKind, StageEvent,
+    StageInput, Usage,
 };
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -82,7 +83,14 @@ impl Orchestrator {
         routes: EventRoutes,
         observer: Arc<dyn JobObserver>,
     ) -> Self {
-        Self { graph, stages, edges, routes, observer, next_id: AtomicU64::new(1) }
+        Self {
+            graph,
+            stages,
+            edges,
+            routes,
+            observer,
+            next_id: AtomicU64::new(1),
+        }
     }
 
     pub fn stages(&self) -> &[StagePool] {
@@ -102,8 +110,13 @@ impl Orchestrator {
     fn plan(&self, outputs: &[Modality]) -> Result<JobPlan, JobError> {
         let mut output_stage = BTreeMap::new();
         for m in outputs {
-            let stage = self.graph.output_stage(*m).ok_or(JobError::UnsupportedOutput(*m))?;
-            let idx = self.stage_index(&stage.id).ok_or(JobError::UnsupportedOutput(*m))?;
+            let stage = self
+                .graph
+                .output_stage(*m)
+                .ok_or(JobError::UnsupportedOutput(*m))?;
+            let idx = self
+                .stage_index(&stage.id)
+                .ok_or(JobError::UnsupportedOutput(*m))?;
             output_stage.insert(*m, idx);
         }
         let mut needed = BTreeSet::new();
@@ -113,9 +126,16 @@ impl Orchestrator {
                 todo.extend(self.edges.iter().filter(|e| e.to == s).map(|e| e.from));
             }
         }
-        let edges: Vec<usize> =
-            (0..self.edges.len()).filter(|i| needed.contains(&self.edges[*i].from) && needed.contains(&self.edges[*i].to)).collect();
-        Ok(JobPlan { output_stage, needed, edges })
+        let edges: Vec<usize> = (0..self.edges.len())
+            .filter(|i| {
+                needed.contains(&self.edges[*i].from) && needed.contains(&self.edges[*i].to)
+            })
+            .collect();
+        Ok(JobPlan {
+            output_stage,
+            needed,
+            edges,
+        })
     }
 
     /// Starts a job. Fails at once (no task spawned) when an entry stage's queue is full or an
@@ -127,8 +147,13 @@ impl Orchestrator {
         let (event_tx, event_rx) = mpsc::unbounded_channel();
         self.routes.insert(job, event_tx);
         let mut run = JobRun::new(self.clone(), request.clone(), plan);
-        let entries: Vec<usize> =
-            run.plan.needed.iter().copied().filter(|s| !run.plan.edges.iter().any(|e| self.edges[*e].to == *s)).collect();
+        let entries: Vec<usize> = run
+            .plan
+            .needed
+            .iter()
+            .copied()
+            .filter(|s| !run.plan.edges.iter().any(|e| self.edges[*e].to == *s))
+            .collect();
         for s in entries {
             if let Err(e) = run.start_stage(s, Vec::new()) {
                 run.cancel_all();
@@ -138,7 +163,10 @@ impl Orchestrator {
         }
         let (client_tx, client_rx) = mpsc::channel(64);
         tokio::spawn(run.drive(event_rx, client_tx));
-        Ok(JobStream { id: job, events: client_rx })
+        Ok(JobStream {
+            id: job,
+            events: client_rx,
+        })
     }
 }
 
@@ -202,10 +230,17 @@ impl JobRun {
 
     fn start_stage(&mut self, s: usize, upstream: Vec<Payload>) -> Result<(), JobError> {
         let client_facing = self.plan.output_stage.values().any(|o| *o == s);
-        let input = StageInput { request: self.request.clone(), upstream, client_facing };
+        let input = StageInput {
+            request: self.request.clone(),
+            upstream,
+            client_facing,
+        };
         let replica = self.orch.stages[s]
             .submit(self.request.id, input)
-            .map_err(|e| JobError::Overloaded { stage: self.stage_name(s), message: e.to_string() })?;
+            .map_err(|e| JobError::Overloaded {
+                stage: self.stage_name(s),
+                message: e.to_string(),
+            })?;
         self.active.insert(s, replica);
         Ok(())
     }
@@ -216,7 +251,11 @@ impl JobRun {
         }
     }
 
-    async fn drive(mut self, mut events: mpsc::UnboundedReceiver<(usize, StageEvent)>, client: mpsc::Sender<JobEvent>) {
+    async fn drive(
+        mut self,
+        mut events: mpsc::UnboundedReceiver<(usize, StageEvent)>,
+        client: mpsc::Sender<JobEvent>,
+    ) {
         let deadline = tokio::time::Instant::from_std(self.request.deadline);
         let outcome = loop {
             tokio::select! {
@@ -250,7 +289,12 @@ impl JobRun {
     }
 
     /// Handles one stage event; `Ok(true)` when the job is complete.
-    async fn on_event(&mut self, s: usize, ev: StageEvent, client: &mpsc::Sender<JobEvent>) -> Result<bool, JobError> {
+    async fn on_event(
+        &mut self,
+        s: usize,
+        ev: StageEvent,
+        client: &mpsc::Sender<JobEvent>,
+    ) -> Result<bool, JobError> {
         match ev {
             StageEvent::Output(payloads) => {
                 let text_stage = self.plan.output_stage.get(&Modality::Text).copied();
@@ -263,7 +307,13 @@ impl JobRun {
                     .sum();
                 let mut text = String::new();
                 for p in payloads {
-                    for e in self.plan.edges.iter().copied().filter(|e| self.orch.edges[*e].from == s) {
+                    for e in self
+                        .plan
+                        .edges
+                        .iter()
+                        .copied()
+                        .filter(|e| self.orch.edges[*e].from == s)
+                    {
                         if self.orch.edges[e].carries == p.kind() {
                             self.gathered.entry(e).or_default().push(p.clone());
                         }
@@ -280,7 +330,12 @@ impl JobRun {
                         self.orch.observer.first_output(self.started.elapsed());
                     }
                     // A closed client is noticed by the select loop.
-                    let _ = client.send(JobEvent::Text { delta: text, tokens }).await;
+                    let _ = client
+                        .send(JobEvent::Text {
+                            delta: text,
+                            tokens,
+                        })
+                        .await;
                 }
                 Ok(false)
             }
@@ -290,7 +345,9 @@ impl JobRun {
                 if self.plan.output_stage.values().any(|o| *o == s) {
                     self.usage.completion_tokens += usage.completion_tokens;
                     self.reason = Some(match (self.reason, reason) {
-                        (Some(FinishReason::Length), _) | (_, FinishReason::Length) => FinishReason::Length,
+                        (Some(FinishReason::Length), _) | (_, FinishReason::Length) => {
+                            FinishReason::Length
+                        }
                         _ => reason,
                     });
                 }
@@ -298,10 +355,19 @@ impl JobRun {
                     self.usage.prompt_tokens += usage.prompt_tokens;
                 }
                 self.forward_from(s)?;
-                let complete = self.plan.output_stage.values().all(|o| self.done.contains(o));
+                let complete = self
+                    .plan
+                    .output_stage
+                    .values()
+                    .all(|o| self.done.contains(o));
                 if complete {
                     let reason = self.reason.unwrap_or(FinishReason::Stop);
-                    let _ = client.send(JobEvent::Finished { reason, usage: self.usage }).await;
+                    let _ = client
+                        .send(JobEvent::Finished {
+                            reason,
+                            usage: self.usage,
+                        })
+                        .await;
                 }
                 Ok(complete)
             }
@@ -309,7 +375,9 @@ impl JobRun {
                 self.active.remove(&s);
                 let stage = self.stage_name(s);
                 Err(match err {
-                    EngineError::InvalidInput(m) => JobError::InvalidInput(format!("stage `{stage}`: {m}")),
+                    EngineError::InvalidInput(m) => {
+                        JobError::InvalidInput(format!("stage `{stage}`: {m}"))
+                    }
                     EngineError::Compute(message) => JobError::StageFailed { stage, message },
                 })
             }
@@ -319,7 +387,13 @@ impl JobRun {
     /// Delivers a finished stage's gathered outputs along its edges and starts every consumer
     /// whose inputs are now complete.
     fn forward_from(&mut self, s: usize) -> Result<(), JobError> {
-        let outgoing: Vec<usize> = self.plan.edges.iter().copied().filter(|e| self.orch.edges[*e].from == s).collect();
+        let outgoing: Vec<usize> = self
+            .plan
+            .edges
+            .iter()
+            .copied()
+            .filter(|e| self.orch.edges[*e].from == s)
+            .collect();
         for e in outgoing {
             let edge = &self.orch.edges[e];
             let parts = self.gathered.remove(&e).unwrap_or_default();
@@ -334,11 +408,21 @@ impl JobRun {
             let delivered = edge
                 .connector
                 .deliver(whole)
-                .map_err(|err| JobError::StageFailed { stage: self.stage_name(edge.to), message: err.to_string() })?;
-            self.orch.observer.transfer(&edge.label, bytes, t0.elapsed().as_secs_f64());
+                .map_err(|err| JobError::StageFailed {
+                    stage: self.stage_name(edge.to),
+                    message: err.to_string(),
+                })?;
+            self.orch
+                .observer
+                .transfer(&edge.label, bytes, t0.elapsed().as_secs_f64());
             let to = edge.to;
             self.inbox.entry(to).or_default().push((e, delivered));
-            let expected = self.plan.edges.iter().filter(|x| self.orch.edges[**x].to == to).count();
+            let expected = self
+                .plan
+                .edges
+                .iter()
+                .filter(|x| self.orch.edges[**x].to == to)
+                .count();
             if self.inbox.get(&to).map_or(0, Vec::len) == expected {
                 let mut inputs = self.inbox.remove(&to).unwrap_or_default();
                 inputs.sort_by_key(|(edge, _)| *edge);

@@ -33,7 +33,9 @@ impl StagePool {
                 Err(e) => last_err = Some(e),
             }
         }
-        Err(last_err.unwrap_or_else(|| SubmitError::Stopped { stage: self.id.clone() }))
+        Err(last_err.unwrap_or_else(|| SubmitError::Stopped {
+            stage: self.id.clone(),
+        }))
     }
 
     pub fn cancel(&self, replica: usize, job: JobId) {

@@ -38,8 +38,15 @@ pub struct RuntimeSlot {
 
 impl RuntimeSlot {
     pub fn new(graph: &DeployGraph) -> Self {
-        let states = graph.stages.iter().map(|s| (s.id.clone(), StageState::Loading)).collect();
-        Self { orchestrator: OnceLock::new(), states: Mutex::new(states) }
+        let states = graph
+            .stages
+            .iter()
+            .map(|s| (s.id.clone(), StageState::Loading))
+            .collect();
+        Self {
+            orchestrator: OnceLock::new(),
+            states: Mutex::new(states),
+        }
     }
 
     pub fn orchestrator(&self) -> Option<Arc<Orchestrator>> {
@@ -55,7 +62,11 @@ impl RuntimeSlot {
 
     /// Whether every stage is ready, and each stage's state with its queue figures.
     pub fn health(&self) -> (bool, Value) {
-        let states = self.states.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let states = self
+            .states
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
         let orch = self.orchestrator();
         let mut ready = orch.is_some();
         let mut out = serde_json::Map::new();
@@ -66,7 +77,10 @@ impl RuntimeSlot {
                 StageState::Failed(m) => json!({"state": "failed", "error": m}),
             };
             ready &= state == StageState::Ready;
-            if let Some(pool) = orch.as_ref().and_then(|o| o.stages().iter().find(|p| p.id() == id)) {
+            if let Some(pool) = orch
+                .as_ref()
+                .and_then(|o| o.stages().iter().find(|p| p.id() == id))
+            {
                 let stats = pool.stats();
                 entry["replicas"] = json!(stats.len());
                 entry["waiting"] = json!(stats.iter().map(|s| s.waiting).sum::<usize>());
@@ -79,22 +93,42 @@ impl RuntimeSlot {
 }
 
 /// Loads every stage's engines, starts their threads and publishes the orchestrator in `slot`.
-pub fn start(graph: DeployGraph, metrics: Arc<Metrics>, slot: &RuntimeSlot) -> Result<Arc<Orchestrator>, RuntimeError> {
+pub fn start(
+    graph: DeployGraph,
+    metrics: Arc<Metrics>,
+    slot: &RuntimeSlot,
+) -> Result<Arc<Orchestrator>, RuntimeError> {
     let routes: EventRoutes = Arc::new(dashmap::DashMap::new());
     let mut edges = Vec::new();
     for e in &graph.edges {
         let label = format!("{}->{}", e.from, e.to);
-        let connector =
-            connector_for(e.connector).map_err(|err| RuntimeError::Edge { edge: label.clone(), message: err.to_string() })?;
+        let connector = connector_for(e.connector).map_err(|err| RuntimeError::Edge {
+            edge: label.clone(),
+            message: err.to_string(),
+        })?;
         let index = |id: &str| graph.stages.iter().position(|s| s.id == id);
         let (Some(from), Some(to)) = (index(&e.from), index(&e.to)) else {
-            return Err(RuntimeError::Edge { edge: label, message: "names an unknown stage".into() });
+            return Err(RuntimeError::Edge {
+                edge: label,
+                message: "names an unknown stage".into(),
+            });
         };
-        edges.push(RuntimeEdge { from, to, carries: e.carries, label, connector });
+        edges.push(RuntimeEdge {
+            from,
+            to,
+            carries: e.carries,
+            label,
+            connector,
+        });
     }
     let mut pools = Vec::new();
     for (index, spec) in graph.stages.iter().enumerate() {
-        let consumed: Vec<PayloadKind> = graph.edges.iter().filter(|e| e.from == spec.id).map(|e| e.carries).collect();
+        let consumed: Vec<PayloadKind> = graph
+            .edges
+            .iter()
+            .filter(|e| e.from == spec.id)
+            .map(|e| e.carries)
+            .collect();
         let mut replicas = Vec::new();
         for replica in 0..spec.replicas {
             let engine = match omnistage_engines::factory::build_engine(spec, &consumed) {

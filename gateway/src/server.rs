@@ -1,7 +1,9 @@
 //! The HTTP API: OpenAI-compatible routes, health and metrics.
 
 use crate::metrics::Metrics;
-use crate::openai::{ApiErrorBody, BadRequest, ChatCompletionRequest, CompletionRequest, UsageBody};
+use crate::openai::{
+    ApiErrorBody, BadRequest, ChatCompletionRequest, CompletionRequest, UsageBody,
+};
 use crate::orchestrator::{JobError, JobEvent, JobStream, Orchestrator};
 use crate::runtime::RuntimeSlot;
 use axum::body::Bytes;
@@ -53,17 +55,37 @@ pub struct ApiError {
 }
 
 impl ApiError {
-    fn new(status: StatusCode, kind: &str, message: impl Into<String>, param: Option<String>) -> Self {
-        Self { status, body: ApiErrorBody { message: message.into(), kind: kind.into(), param, code: None } }
+    fn new(
+        status: StatusCode,
+        kind: &str,
+        message: impl Into<String>,
+        param: Option<String>,
+    ) -> Self {
+        Self {
+            status,
+            body: ApiErrorBody {
+                message: message.into(),
+                kind: kind.into(),
+                param,
+                code: None,
+            },
+        }
     }
 
     fn bad(b: BadRequest) -> Self {
-        Self::new(StatusCode::BAD_REQUEST, "invalid_request_error", b.message, b.param)
+        Self::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            b.message,
+            b.param,
+        )
     }
 
     fn from_job(err: &JobError) -> Self {
         let (status, kind) = match err {
-            JobError::InvalidInput(_) | JobError::UnsupportedOutput(_) => (StatusCode::BAD_REQUEST, "invalid_request_error"),
+            JobError::InvalidInput(_) | JobError::UnsupportedOutput(_) => {
+                (StatusCode::BAD_REQUEST, "invalid_request_error")
+            }
             JobError::Overloaded { .. } => (StatusCode::TOO_MANY_REQUESTS, "server_overloaded"),
             JobError::StageFailed { .. } => (StatusCode::INTERNAL_SERVER_ERROR, "server_error"),
             JobError::DeadlineExceeded(_) => (StatusCode::GATEWAY_TIMEOUT, "timeout"),
@@ -95,17 +117,32 @@ impl IntoResponse for ApiError {
 }
 
 async fn not_found() -> ApiError {
-    ApiError::new(StatusCode::NOT_FOUND, "not_found_error", "no such route", None)
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "not_found_error",
+        "no such route",
+        None,
+    )
 }
 
 fn parse_body<T: DeserializeOwned>(body: Result<Bytes, BytesRejection>) -> Result<T, ApiError> {
     let bytes = body.map_err(|r| {
         let status = r.status();
-        let kind = if status == StatusCode::PAYLOAD_TOO_LARGE { "invalid_request_error" } else { "invalid_request_error" };
-        ApiError::new(status, kind, format!("could not read the request body: {r}"), None)
+        ApiError::new(
+            status,
+            "invalid_request_error",
+            format!("could not read the request body: {r}"),
+            None,
+        )
     })?;
-    serde_json::from_slice(&bytes)
-        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_request_error", format!("invalid JSON body: {e}"), None))
+    serde_json::from_slice(&bytes).map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            format!("invalid JSON body: {e}"),
+            None,
+        )
+    })
 }
 
 impl AppState {
@@ -116,7 +153,10 @@ impl AppState {
             Some(m) => Err(ApiError::new(
                 StatusCode::NOT_FOUND,
                 "not_found_error",
-                format!("the model `{m}` does not exist; this server serves `{}`", self.model_name),
+                format!(
+                    "the model `{m}` does not exist; this server serves `{}`",
+                    self.model_name
+                ),
                 Some("model".into()),
             )),
         }
@@ -124,11 +164,21 @@ impl AppState {
 
     fn orchestrator(&self) -> Result<Arc<Orchestrator>, ApiError> {
         self.runtime.orchestrator().ok_or_else(|| {
-            ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "server_unavailable", "the stages are still loading; see /health", None)
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "server_unavailable",
+                "the stages are still loading; see /health",
+                None,
+            )
         })
     }
 
-    fn start(&self, prompt: Prompt, sampling: SamplingParams, outputs: Vec<Modality>) -> Result<JobStream, ApiError> {
+    fn start(
+        &self,
+        prompt: Prompt,
+        sampling: SamplingParams,
+        outputs: Vec<Modality>,
+    ) -> Result<JobStream, ApiError> {
         let orch = self.orchestrator()?;
         let request = JobRequest {
             id: orch.next_job_id(),
@@ -147,7 +197,9 @@ impl AppState {
 }
 
 fn unix_now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 /// Which OpenAI object a job answers.
@@ -157,7 +209,10 @@ enum Flavor {
     Text,
 }
 
-async fn chat_completions(State(state): State<AppState>, body: Result<Bytes, BytesRejection>) -> Response {
+async fn chat_completions(
+    State(state): State<AppState>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
     let prepared = (|| {
         let req: ChatCompletionRequest = parse_body(body)?;
         state.check_model(req.model.as_deref())?;
@@ -165,7 +220,11 @@ async fn chat_completions(State(state): State<AppState>, body: Result<Bytes, Byt
         let outputs = req.output_modalities().map_err(ApiError::bad)?;
         let sampling = req.sampling.to_params().map_err(ApiError::bad)?;
         let job = state.start(Prompt::Chat(messages), sampling, outputs)?;
-        Ok::<_, ApiError>((job, req.stream, req.stream_options.is_some_and(|o| o.include_usage)))
+        Ok::<_, ApiError>((
+            job,
+            req.stream,
+            req.stream_options.is_some_and(|o| o.include_usage),
+        ))
     })();
     match prepared {
         Ok((job, stream, usage)) => respond(state, job, Flavor::Chat, stream, usage).await,
@@ -173,7 +232,10 @@ async fn chat_completions(State(state): State<AppState>, body: Result<Bytes, Byt
     }
 }
 
-async fn completions(State(state): State<AppState>, body: Result<Bytes, BytesRejection>) -> Response {
+async fn completions(
+    State(state): State<AppState>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
     let prepared = (|| {
         let req: CompletionRequest = parse_body(body)?;
         state.check_model(req.model.as_deref())?;
@@ -182,7 +244,11 @@ async fn completions(State(state): State<AppState>, body: Result<Bytes, BytesRej
         // OpenAI's default for legacy completions.
         sampling.max_tokens = sampling.max_tokens.or(Some(16));
         let job = state.start(Prompt::Completion(prompt), sampling, vec![Modality::Text])?;
-        Ok::<_, ApiError>((job, req.stream, req.stream_options.is_some_and(|o| o.include_usage)))
+        Ok::<_, ApiError>((
+            job,
+            req.stream,
+            req.stream_options.is_some_and(|o| o.include_usage),
+        ))
     })();
     match prepared {
         Ok((job, stream, usage)) => respond(state, job, Flavor::Text, stream, usage).await,
@@ -190,14 +256,22 @@ async fn completions(State(state): State<AppState>, body: Result<Bytes, BytesRej
     }
 }
 
-async fn respond(state: AppState, job: JobStream, flavor: Flavor, stream: bool, include_usage: bool) -> Response {
+async fn respond(
+    state: AppState,
+    job: JobStream,
+    flavor: Flavor,
+    stream: bool,
+    include_usage: bool,
+) -> Response {
     let id = match flavor {
         Flavor::Chat => format!("chatcmpl-{}", job.id.0),
         Flavor::Text => format!("cmpl-{}", job.id.0),
     };
     if stream {
         let events = sse_events(state, job, flavor, id, include_usage);
-        Sse::new(events).keep_alive(KeepAlive::default()).into_response()
+        Sse::new(events)
+            .keep_alive(KeepAlive::default())
+            .into_response()
     } else {
         collect(state, job, flavor, id).await
     }
@@ -209,7 +283,11 @@ async fn collect(state: AppState, mut job: JobStream, flavor: Flavor, id: String
     loop {
         match job.next().await {
             Some(JobEvent::Text { delta, tokens }) => {
-                state.metrics.generated_tokens.with_label_values(&[&stage]).inc_by(tokens as u64);
+                state
+                    .metrics
+                    .generated_tokens
+                    .with_label_values(&[&stage])
+                    .inc_by(tokens as u64);
                 text.push_str(&delta);
             }
             Some(JobEvent::Finished { reason, usage }) => {
@@ -217,13 +295,25 @@ async fn collect(state: AppState, mut job: JobStream, flavor: Flavor, id: String
             }
             Some(JobEvent::Failed(err)) => return state.fail(ApiError::from_job(&err)),
             None => {
-                return state.fail(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", "the job ended without a result", None))
+                return state.fail(ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "server_error",
+                    "the job ended without a result",
+                    None,
+                ))
             }
         }
     }
 }
 
-fn final_body(state: &AppState, flavor: Flavor, id: &str, text: String, reason: FinishReason, usage: Usage) -> Value {
+fn final_body(
+    state: &AppState,
+    flavor: Flavor,
+    id: &str,
+    text: String,
+    reason: FinishReason,
+    usage: Usage,
+) -> Value {
     let choice = match flavor {
         Flavor::Chat => json!({
             "index": 0,
@@ -231,7 +321,9 @@ fn final_body(state: &AppState, flavor: Flavor, id: &str, text: String, reason: 
             "logprobs": null,
             "finish_reason": reason.as_str(),
         }),
-        Flavor::Text => json!({"index": 0, "text": text, "logprobs": null, "finish_reason": reason.as_str()}),
+        Flavor::Text => {
+            json!({"index": 0, "text": text, "logprobs": null, "finish_reason": reason.as_str()})
+        }
     };
     json!({
         "id": id,
@@ -244,7 +336,14 @@ fn final_body(state: &AppState, flavor: Flavor, id: &str, text: String, reason: 
 }
 
 /// One streamed chunk in OpenAI's shape.
-fn chunk(flavor: Flavor, id: &str, model: &str, text: Option<&str>, first: bool, reason: Option<FinishReason>) -> Value {
+fn chunk(
+    flavor: Flavor,
+    id: &str,
+    model: &str,
+    text: Option<&str>,
+    first: bool,
+    reason: Option<FinishReason>,
+) -> Value {
     let reason = reason.map(FinishReason::as_str);
     let choice = match flavor {
         Flavor::Chat => {
@@ -257,7 +356,9 @@ fn chunk(flavor: Flavor, id: &str, model: &str, text: Option<&str>, first: bool,
             }
             json!({"index": 0, "delta": delta, "logprobs": null, "finish_reason": reason})
         }
-        Flavor::Text => json!({"index": 0, "text": text.unwrap_or(""), "logprobs": null, "finish_reason": reason}),
+        Flavor::Text => {
+            json!({"index": 0, "text": text.unwrap_or(""), "logprobs": null, "finish_reason": reason})
+        }
     };
     json!({
         "id": id,
@@ -285,7 +386,15 @@ fn sse_events(
     id: String,
     include_usage: bool,
 ) -> impl Stream<Item = Result<Event, Infallible>> {
-    let s = SseState { state, job, flavor, id, include_usage, first: true, done: false };
+    let s = SseState {
+        state,
+        job,
+        flavor,
+        id,
+        include_usage,
+        first: true,
+        done: false,
+    };
     stream::unfold(s, |mut s| async move {
         if s.done {
             return None;
@@ -343,17 +452,31 @@ async fn models(State(state): State<AppState>) -> Json<Value> {
 
 async fn health(State(state): State<AppState>) -> Response {
     let (ready, stages) = state.runtime.health();
-    let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
-    (status, Json(json!({"status": if ready { "ready" } else { "not_ready" }, "stages": stages}))).into_response()
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (
+        status,
+        Json(json!({"status": if ready { "ready" } else { "not_ready" }, "stages": stages})),
+    )
+        .into_response()
 }
 
 async fn metrics(State(state): State<AppState>) -> Response {
     if let Some(orch) = state.runtime.orchestrator() {
         for pool in orch.stages() {
             for (replica, stats) in pool.stats().iter().enumerate() {
-                state.metrics.set_state_bytes(pool.id(), replica, stats.state_bytes);
+                state
+                    .metrics
+                    .set_state_bytes(pool.id(), replica, stats.state_bytes);
             }
         }
     }
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], state.metrics.render()).into_response()
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        state.metrics.render(),
+    )
+        .into_response()
 }

@@ -8,7 +8,9 @@ use serde_json::{json, Value};
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chat_completion_returns_text_and_usage() {
     let s = start(&single_stage_toml("")).await;
-    let (status, body) = s.post("/v1/chat/completions", chat_body("Hello there", 10, false)).await;
+    let (status, body) = s
+        .post("/v1/chat/completions", chat_body("Hello there", 10, false))
+        .await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["object"], "chat.completion");
     assert_eq!(body["model"], "tiny-test");
@@ -18,16 +20,32 @@ async fn chat_completion_returns_text_and_usage() {
     assert_eq!(body["usage"]["completion_tokens"], 10);
     let prompt_tokens = body["usage"]["prompt_tokens"].as_u64().unwrap();
     assert!(prompt_tokens > 2);
-    assert_eq!(body["usage"]["total_tokens"].as_u64().unwrap(), prompt_tokens + 10);
+    assert_eq!(
+        body["usage"]["total_tokens"].as_u64().unwrap(),
+        prompt_tokens + 10
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn streamed_chat_matches_unstreamed_and_ends_with_done() {
     let s = start(&single_stage_toml("")).await;
-    let (_, whole) = s.post("/v1/chat/completions", chat_body("Tell me a story", 16, false)).await;
-    let events = s.stream("/v1/chat/completions", chat_body("Tell me a story", 16, true)).await;
+    let (_, whole) = s
+        .post(
+            "/v1/chat/completions",
+            chat_body("Tell me a story", 16, false),
+        )
+        .await;
+    let events = s
+        .stream(
+            "/v1/chat/completions",
+            chat_body("Tell me a story", 16, true),
+        )
+        .await;
     assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
-    let chunks: Vec<Value> = events[..events.len() - 1].iter().map(|e| serde_json::from_str(e).unwrap()).collect();
+    let chunks: Vec<Value> = events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str(e).unwrap())
+        .collect();
     assert_eq!(chunks[0]["object"], "chat.completion.chunk");
     assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
     let mut text = String::new();
@@ -45,7 +63,10 @@ async fn streamed_chat_matches_unstreamed_and_ends_with_done() {
     let usage = &chunks.last().unwrap()["usage"];
     assert_eq!(usage["completion_tokens"], 16);
     assert_eq!(finish.as_deref(), Some("length"));
-    assert_eq!(text, whole["choices"][0]["message"]["content"].as_str().unwrap());
+    assert_eq!(
+        text,
+        whole["choices"][0]["message"]["content"].as_str().unwrap()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -59,18 +80,31 @@ async fn text_completion_and_seeded_sampling_are_reproducible() {
     assert_eq!(a["choices"][0]["text"], b["choices"][0]["text"]);
     assert_eq!(a["usage"]["completion_tokens"], 12);
     // Legacy completions default to 16 tokens.
-    let (_, c) = s.post("/v1/completions", json!({"prompt": "x", "ignore_eos": true})).await;
+    let (_, c) = s
+        .post(
+            "/v1/completions",
+            json!({"prompt": "x", "ignore_eos": true}),
+        )
+        .await;
     assert_eq!(c["usage"]["completion_tokens"], 16);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stop_strings_and_stop_tokens_end_generation() {
     let s = start(&single_stage_toml("")).await;
-    let (_, whole) = s.post("/v1/completions", json!({"prompt": "abc", "max_tokens": 24, "temperature": 0, "ignore_eos": true})).await;
+    let (_, whole) = s
+        .post(
+            "/v1/completions",
+            json!({"prompt": "abc", "max_tokens": 24, "temperature": 0, "ignore_eos": true}),
+        )
+        .await;
     let text = whole["choices"][0]["text"].as_str().unwrap().to_string();
     // Stop on a piece of text the greedy continuation is known to contain.
     let chars: Vec<char> = text.chars().collect();
-    assert!(chars.len() >= 6, "tiny model produced too little text: {text:?}");
+    assert!(
+        chars.len() >= 6,
+        "tiny model produced too little text: {text:?}"
+    );
     let stop: String = chars[3..5].iter().collect();
     let (_, cut) = s
         .post("/v1/completions", json!({"prompt": "abc", "max_tokens": 24, "temperature": 0, "ignore_eos": true, "stop": [stop.clone()]}))
@@ -99,7 +133,14 @@ async fn bad_requests_get_openai_shaped_errors() {
     let s = start(&single_stage_toml("")).await;
     let url = format!("{}/v1/chat/completions", s.base);
     // Malformed JSON.
-    let resp = s.client.post(&url).body("{not json").header("content-type", "application/json").send().await.unwrap();
+    let resp = s
+        .client
+        .post(&url)
+        .body("{not json")
+        .header("content-type", "application/json")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status().as_u16(), 400);
     let body: Value = resp.json().await.unwrap();
     assert_eq!(body["error"]["type"], "invalid_request_error");
@@ -119,23 +160,44 @@ async fn bad_requests_get_openai_shaped_errors() {
         assert!(body["error"]["message"].is_string(), "{body}");
     }
     // Unknown model.
-    let (status, body) = s.post("/v1/chat/completions", json!({"model": "gpt-9", "messages": [{"role": "user", "content": "x"}]})).await;
+    let (status, body) = s
+        .post(
+            "/v1/chat/completions",
+            json!({"model": "gpt-9", "messages": [{"role": "user", "content": "x"}]}),
+        )
+        .await;
     assert_eq!(status, 404);
     assert_eq!(body["error"]["param"], "model");
     // A prompt longer than the model accepts.
     let long = "word ".repeat(5000);
     let (status, body) = s.post("/v1/completions", json!({"prompt": long})).await;
     assert_eq!(status, 400, "{body}");
-    assert!(body["error"]["message"].as_str().unwrap().contains("at most"));
+    assert!(body["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("at most"));
     // Oversized body.
     let huge = "x".repeat(5 << 20);
-    let resp = s.client.post(&url).body(huge).header("content-type", "application/json").send().await.unwrap();
+    let resp = s
+        .client
+        .post(&url)
+        .body(huge)
+        .header("content-type", "application/json")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status().as_u16(), 413);
     // Unknown route.
     let (status, _) = s.get_text("/v1/nothing").await;
     assert_eq!(status, 404);
     // The server still serves.
-    let (status, _) = s.post("/v1/chat/completions", chat_body("still alive?", 4, false)).await;
+    let (status, _) = s
+        .post("/v1/chat/completions", chat_body("still alive?", 4, false))
+        .await;
     assert_eq!(status, 200);
-    assert!(s.metric_sum("omnistage_errors_total{reason=\"bad_request\"}").await >= 8.0);
+    assert!(
+        s.metric_sum("omnistage_errors_total{reason=\"bad_request\"}")
+            .await
+            >= 8.0
+    );
 }

@@ -15,10 +15,18 @@ async fn thirty_two_concurrent_streams_finish_batched_with_exact_lengths() {
         let s = s.clone();
         tasks.push(tokio::spawn(async move {
             let n = 8 + i % 9;
-            let events = s.stream("/v1/chat/completions", chat_body(&format!("request number {i}"), n, true)).await;
+            let events = s
+                .stream(
+                    "/v1/chat/completions",
+                    chat_body(&format!("request number {i}"), n, true),
+                )
+                .await;
             assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
             let usage: Value = serde_json::from_str(&events[events.len() - 2]).unwrap();
-            (n, usage["usage"]["completion_tokens"].as_u64().unwrap() as usize)
+            (
+                n,
+                usage["usage"]["completion_tokens"].as_u64().unwrap() as usize,
+            )
         }));
     }
     for t in tasks {
@@ -27,9 +35,17 @@ async fn thirty_two_concurrent_streams_finish_batched_with_exact_lengths() {
     }
     let steps = s.metric_sum("omnistage_stage_step_batch_size_count{").await;
     let jobs_in_steps = s.metric_sum("omnistage_stage_step_batch_size_sum{").await;
-    let single_steps = s.metric_sum("omnistage_stage_step_batch_size_bucket{replica=\"0\",stage=\"thinker\",le=\"1\"}").await;
+    let single_steps = s
+        .metric_sum(
+            "omnistage_stage_step_batch_size_bucket{replica=\"0\",stage=\"thinker\",le=\"1\"}",
+        )
+        .await;
     assert!(steps > 0.0);
-    assert!(jobs_in_steps / steps > 2.0, "mean batch {} over {steps} steps", jobs_in_steps / steps);
+    assert!(
+        jobs_in_steps / steps > 2.0,
+        "mean batch {} over {steps} steps",
+        jobs_in_steps / steps
+    );
     assert!(single_steps < steps, "every step ran one job");
     assert!(s.metric_sum("omnistage_generated_tokens_total").await >= (32 * 8) as f64);
 }
@@ -60,18 +76,33 @@ async fn client_disconnect_frees_the_sequence() {
         if health["stages"]["thinker"]["running"] == 0 && bytes == 0.0 {
             break;
         }
-        assert!(start.elapsed() < Duration::from_secs(10), "sequence still held: {health} state_bytes={bytes}");
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "sequence still held: {health} state_bytes={bytes}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    assert!(s.metric_sum("omnistage_requests_total{outcome=\"cancelled\"}").await >= 1.0);
+    assert!(
+        s.metric_sum("omnistage_requests_total{outcome=\"cancelled\"}")
+            .await
+            >= 1.0
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deadline_fails_the_request_and_frees_it() {
     let s = start_with_timeout(&single_stage_toml(""), Duration::from_millis(150)).await;
-    let (status, body) = s.post("/v1/chat/completions", chat_body("take your time", 2000, false)).await;
+    let (status, body) = s
+        .post(
+            "/v1/chat/completions",
+            chat_body("take your time", 2000, false),
+        )
+        .await;
     assert_eq!(status, 504, "{body}");
-    assert!(body["error"]["message"].as_str().unwrap().contains("deadline"));
+    assert!(body["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("deadline"));
     let start = Instant::now();
     while s.metric_sum("omnistage_stage_state_bytes{").await > 0.0 {
         assert!(start.elapsed() < Duration::from_secs(10));
@@ -81,18 +112,28 @@ async fn deadline_fails_the_request_and_frees_it() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_full_queue_answers_429_and_the_rest_complete() {
-    let s = std::sync::Arc::new(start(&single_stage_toml("max_queue = 1\nmax_batch_size = 1")).await);
+    let s =
+        std::sync::Arc::new(start(&single_stage_toml("max_queue = 1\nmax_batch_size = 1")).await);
     let mut tasks = Vec::new();
     for i in 0..8 {
         let s = s.clone();
-        tasks.push(tokio::spawn(async move { s.post("/v1/chat/completions", chat_body(&format!("job {i}"), 300, false)).await }));
+        tasks.push(tokio::spawn(async move {
+            s.post(
+                "/v1/chat/completions",
+                chat_body(&format!("job {i}"), 300, false),
+            )
+            .await
+        }));
     }
     let mut codes = Vec::new();
     for t in tasks {
         let (status, body) = t.await.unwrap();
         if status == 429 {
             assert_eq!(body["error"]["type"], "server_overloaded");
-            assert!(body["error"]["message"].as_str().unwrap().contains("thinker"));
+            assert!(body["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("thinker"));
         }
         codes.push(status);
     }
@@ -130,7 +171,11 @@ text = "answerer"
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["usage"]["completion_tokens"], 5);
     // The answerer's prompt is the drafter's text in a chat turn, not the client's prompt.
-    assert!(s.metric_sum("omnistage_connector_bytes_total{edge=\"drafter->answerer\"}").await > 0.0);
+    assert!(
+        s.metric_sum("omnistage_connector_bytes_total{edge=\"drafter->answerer\"}")
+            .await
+            > 0.0
+    );
     let (_, health) = s.get_text("/health").await;
     assert!(health.contains("drafter") && health.contains("answerer"));
 }

@@ -50,7 +50,11 @@ pub trait StageEngine: Send + 'static {
     /// Runs one step for `work` (jobs already admitted) and reports events through `emit`.
     /// A job that finishes or fails must be released before its final event is emitted.
     /// `Err` means the whole step failed; the scheduler then fails and releases every job in it.
-    fn step(&mut self, work: &[StepWork], emit: &mut dyn FnMut(JobId, StageEvent)) -> Result<(), EngineError>;
+    fn step(
+        &mut self,
+        work: &[StepWork],
+        emit: &mut dyn FnMut(JobId, StageEvent),
+    ) -> Result<(), EngineError>;
 
     /// Drops a job's state and frees its memory (cancel, deadline, or a failed step).
     fn release(&mut self, job: JobId);
@@ -69,7 +73,11 @@ impl StageEngine for Box<dyn StageEngine> {
         (**self).pending_input(job)
     }
 
-    fn step(&mut self, work: &[StepWork], emit: &mut dyn FnMut(JobId, StageEvent)) -> Result<(), EngineError> {
+    fn step(
+        &mut self,
+        work: &[StepWork],
+        emit: &mut dyn FnMut(JobId, StageEvent),
+    ) -> Result<(), EngineError> {
         (**self).step(work, emit)
     }
 

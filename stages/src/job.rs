@@ -86,7 +86,11 @@ impl SamplingParams {
             seed: self.seed.or(defaults.seed),
             max_tokens: self.max_tokens.or(defaults.max_tokens),
             repetition_penalty: self.repetition_penalty.or(defaults.repetition_penalty),
-            stop: if self.stop.is_empty() { defaults.stop.clone() } else { self.stop.clone() },
+            stop: if self.stop.is_empty() {
+                defaults.stop.clone()
+            } else {
+                self.stop.clone()
+            },
             stop_token_ids: if self.stop_token_ids.is_empty() {
                 defaults.stop_token_ids.clone()
             } else {

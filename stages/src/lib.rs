@@ -13,5 +13,8 @@ pub mod job;
 pub mod payload;
 
 pub use engine::{EngineError, StageEngine, StageEvent, StepWork};
-pub use job::{ChatMessage, FinishReason, JobId, JobRequest, Modality, Prompt, SamplingParams, StageInput, Usage};
+pub use job::{
+    ChatMessage, FinishReason, JobId, JobRequest, Modality, Prompt, SamplingParams, StageInput,
+    Usage,
+};
 pub use payload::{HiddenStates, Payload, PayloadKind};

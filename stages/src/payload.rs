@@ -71,8 +71,12 @@ pub struct HiddenStates {
 
 impl HiddenStates {
     pub fn new(data: Vec<f32>, dim: usize) -> Self {
-        let rows = if dim == 0 { 0 } else { data.len() / dim };
-        Self { data: data.into(), rows, dim }
+        let rows = data.len().checked_div(dim).unwrap_or(0);
+        Self {
+            data: data.into(),
+            rows,
+            dim,
+        }
     }
 
     /// Concatenates row blocks of the same width (used to gather a non-streamed edge's output).
@@ -164,7 +168,11 @@ mod tests {
     fn concat_joins_text_tokens_and_hidden_rows() {
         let t = Payload::concat(&[Payload::Text("ab".into()), Payload::Text("c".into())]).unwrap();
         assert_eq!(t, Payload::Text("abc".into()));
-        let k = Payload::concat(&[Payload::Tokens(vec![1, 2].into()), Payload::Tokens(vec![3].into())]).unwrap();
+        let k = Payload::concat(&[
+            Payload::Tokens(vec![1, 2].into()),
+            Payload::Tokens(vec![3].into()),
+        ])
+        .unwrap();
         assert_eq!(k, Payload::Tokens(vec![1, 2, 3].into()));
         let h = Payload::concat(&[
             Payload::Hidden(HiddenStates::new(vec![1.0, 2.0], 2)),
@@ -182,7 +190,10 @@ mod tests {
 
     #[test]
     fn concat_rejects_mixed_kinds_and_widths() {
-        assert!(Payload::concat(&[Payload::Text("a".into()), Payload::Tokens(vec![1].into())]).is_none());
+        assert!(
+            Payload::concat(&[Payload::Text("a".into()), Payload::Tokens(vec![1].into())])
+                .is_none()
+        );
         assert!(Payload::concat(&[
             Payload::Hidden(HiddenStates::new(vec![1.0, 2.0], 2)),
             Payload::Hidden(HiddenStates::new(vec![1.0, 2.0, 3.0], 3)),

@@ -9,8 +9,8 @@ use super::stop::{StopCheck, StopMatcher};
 use super::tokenizer::{StreamDecoder, TextTokenizer};
 use candle_core::{DType, Device, Tensor};
 use omnistage_stages::{
-    ChatMessage, EngineError, FinishReason, HiddenStates, JobId, Payload, Prompt, SamplingParams, StageEngine,
-    StageEvent, StageInput, StepWork, Usage,
+    ChatMessage, EngineError, FinishReason, HiddenStates, JobId, Payload, Prompt, SamplingParams,
+    StageEngine, StageEvent, StageInput, StepWork, Usage,
 };
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
@@ -66,8 +66,16 @@ pub struct LlmEngine {
 
 impl LlmEngine {
     /// Loads model, tokenizer, chat template and generation config from a checkpoint directory.
-    pub fn load(dir: &Path, dtype: DType, device: &Device, settings: LlmEngineSettings) -> Result<Self, LlmEngineError> {
-        let load_err = |message: String| LlmEngineError::Load { dir: dir.display().to_string(), message };
+    pub fn load(
+        dir: &Path,
+        dtype: DType,
+        device: &Device,
+        settings: LlmEngineSettings,
+    ) -> Result<Self, LlmEngineError> {
+        let load_err = |message: String| LlmEngineError::Load {
+            dir: dir.display().to_string(),
+            message,
+        };
         let model = LlmModel::load(dir, dtype, device).map_err(|e| load_err(e.to_string()))?;
         let tokenizer = TextTokenizer::load(dir).map_err(|e| load_err(e.to_string()))?;
         let template = ChatTemplate::load(dir).map_err(|e| load_err(e.to_string()))?;
@@ -98,7 +106,9 @@ impl LlmEngine {
         eos_ids.sort_unstable();
         eos_ids.dedup();
         let model_limit = model.config().max_position_embeddings;
-        let max_model_len = settings.max_model_len.map_or(model_limit, |l| l.min(model_limit));
+        let max_model_len = settings
+            .max_model_len
+            .map_or(model_limit, |l| l.min(model_limit));
         Self {
             defaults: settings.sampling.or(&checkpoint_defaults),
             model,
@@ -129,20 +139,35 @@ impl LlmEngine {
         let template = self.template.as_ref().ok_or_else(|| {
             EngineError::InvalidInput("this model has no chat template; use /v1/completions".into())
         })?;
-        template.render(messages, true).map_err(|e| EngineError::InvalidInput(format!("chat template: {e}")))
+        template
+            .render(messages, true)
+            .map_err(|e| EngineError::InvalidInput(format!("chat template: {e}")))
     }
 
     /// Token ids of the job's prompt: upstream tokens, upstream text (as a user turn), or the
     /// request's own prompt.
     fn prompt_tokens(&self, input: &StageInput) -> Result<Vec<u32>, EngineError> {
         let encode = |text: &str, specials: bool| {
-            self.tokenizer.encode(text, specials).map_err(|e| EngineError::InvalidInput(format!("tokenizer: {e}")))
+            self.tokenizer
+                .encode(text, specials)
+                .map_err(|e| EngineError::InvalidInput(format!("tokenizer: {e}")))
         };
-        if let Some(Payload::Tokens(ids)) = input.upstream.iter().find(|p| matches!(p, Payload::Tokens(_))) {
+        if let Some(Payload::Tokens(ids)) = input
+            .upstream
+            .iter()
+            .find(|p| matches!(p, Payload::Tokens(_)))
+        {
             return Ok(ids.to_vec());
         }
-        if let Some(Payload::Text(text)) = input.upstream.iter().find(|p| matches!(p, Payload::Text(_))) {
-            let messages = [ChatMessage { role: "user".into(), content: text.to_string() }];
+        if let Some(Payload::Text(text)) = input
+            .upstream
+            .iter()
+            .find(|p| matches!(p, Payload::Text(_)))
+        {
+            let messages = [ChatMessage {
+                role: "user".into(),
+                content: text.to_string(),
+            }];
             return match self.template {
                 Some(_) => encode(&self.render_chat(&messages)?, false),
                 None => encode(text, true),
@@ -168,7 +193,12 @@ impl LlmEngine {
         out: &mut Vec<Payload>,
     ) -> Result<Option<FinishReason>, EngineError> {
         let compute = |e: candle_core::Error| EngineError::Compute(e.to_string());
-        let context: Vec<u32> = seq.prompt.iter().chain(seq.generated.iter()).copied().collect();
+        let context: Vec<u32> = seq
+            .prompt
+            .iter()
+            .chain(seq.generated.iter())
+            .copied()
+            .collect();
         let token = seq.sampler.sample(logits, &context).map_err(compute)?;
         if seq.stop_ids.contains(&token) {
             let tail = seq.stops.flush();
@@ -197,9 +227,15 @@ impl LlmEngine {
                 }
             }
         }
-        let at_length = seq.generated.len() >= seq.max_tokens || seq.prompt.len() + seq.generated.len() >= max_model_len;
+        let at_length = seq.generated.len() >= seq.max_tokens
+            || seq.prompt.len() + seq.generated.len() >= max_model_len;
         if at_length {
-            let mut tail = seq.decoder.flush(tokenizer).ok().flatten().unwrap_or_default();
+            let mut tail = seq
+                .decoder
+                .flush(tokenizer)
+                .ok()
+                .flatten()
+                .unwrap_or_default();
             tail = match seq.stops.push(&tail) {
                 StopCheck::Stopped(t) => t,
                 StopCheck::Continue(t) => t + &seq.stops.flush(),
@@ -236,7 +272,9 @@ impl StageEngine for LlmEngine {
         let room = self.max_model_len - prompt.len();
         let max_tokens = params.max_tokens.unwrap_or(room).min(room);
         if max_tokens == 0 {
-            return Err(EngineError::InvalidInput("max_tokens must be at least 1".into()));
+            return Err(EngineError::InvalidInput(
+                "max_tokens must be at least 1".into(),
+            ));
         }
         let mut stop_ids: HashSet<u32> = params.stop_token_ids.iter().copied().collect();
         if !params.ignore_eos {
@@ -262,11 +300,17 @@ impl StageEngine for LlmEngine {
         self.seqs.get(&job).map_or(0, Sequence::pending_prefill)
     }
 
-    fn step(&mut self, work: &[StepWork], emit: &mut dyn FnMut(JobId, StageEvent)) -> Result<(), EngineError> {
+    fn step(
+        &mut self,
+        work: &[StepWork],
+        emit: &mut dyn FnMut(JobId, StageEvent),
+    ) -> Result<(), EngineError> {
         // Take the stepping sequences out of the map so each can lend its cache mutably.
         let mut active: Vec<(JobId, Sequence, Vec<u32>)> = Vec::with_capacity(work.len());
         for w in work {
-            let Some(seq) = self.seqs.remove(&w.job) else { continue };
+            let Some(seq) = self.seqs.remove(&w.job) else {
+                continue;
+            };
             let tokens = match seq.pending_prefill() {
                 0 => vec![*seq.generated.last().or(seq.prompt.last()).unwrap_or(&0)],
                 pending => {
@@ -282,7 +326,11 @@ impl StageEngine for LlmEngine {
         let forward = {
             let mut chunks: Vec<SeqChunk<'_>> = active
                 .iter_mut()
-                .map(|(_, seq, tokens)| SeqChunk { tokens, cache: &mut seq.cache, want_hidden: self.emit_hidden })
+                .map(|(_, seq, tokens)| SeqChunk {
+                    tokens,
+                    cache: &mut seq.cache,
+                    want_hidden: self.emit_hidden,
+                })
                 .collect();
             self.model.forward(&mut chunks)
         };
@@ -313,8 +361,13 @@ impl StageEngine for LlmEngine {
             }
             let mut finished = None;
             if seq.pending_prefill() == 0 {
-                let logits = output.logits.get(row).map_err(|e| EngineError::Compute(e.to_string()));
-                match logits.and_then(|l| Self::advance(&mut seq, &l, &self.tokenizer, self.max_model_len, &mut out)) {
+                let logits = output
+                    .logits
+                    .get(row)
+                    .map_err(|e| EngineError::Compute(e.to_string()));
+                match logits.and_then(|l| {
+                    Self::advance(&mut seq, &l, &self.tokenizer, self.max_model_len, &mut out)
+                }) {
                     Ok(f) => finished = f,
                     Err(e) => {
                         emit(job, StageEvent::Failed(e));
@@ -327,7 +380,10 @@ impl StageEngine for LlmEngine {
             }
             match finished {
                 Some(reason) => {
-                    let usage = Usage { prompt_tokens: seq.prompt.len(), completion_tokens: seq.generated.len() };
+                    let usage = Usage {
+                        prompt_tokens: seq.prompt.len(),
+                        completion_tokens: seq.generated.len(),
+                    };
                     drop(seq);
                     emit(job, StageEvent::Finished { reason, usage });
                 }
@@ -351,5 +407,8 @@ impl StageEngine for LlmEngine {
 fn hidden_rows(hidden: &Tensor) -> candle_core::Result<HiddenStates> {
     let hidden = hidden.to_dtype(DType::F32)?;
     let (_, dim) = hidden.dims2()?;
-    Ok(HiddenStates::new(hidden.flatten_all()?.to_vec1::<f32>()?, dim))
+    Ok(HiddenStates::new(
+        hidden.flatten_all()?.to_vec1::<f32>()?,
+        dim,
+    ))
 }

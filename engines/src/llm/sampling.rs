@@ -51,7 +51,10 @@ pub struct Sampler {
 impl Sampler {
     pub fn new(settings: ResolvedSampling) -> Self {
         let processor = LogitsProcessor::from_sampling(settings.seed, settings.to_candle());
-        Self { settings, processor }
+        Self {
+            settings,
+            processor,
+        }
     }
 
     pub fn settings(&self) -> &ResolvedSampling {
@@ -62,7 +65,8 @@ impl Sampler {
     pub fn sample(&mut self, logits: &Tensor, context: &[u32]) -> candle_core::Result<u32> {
         let penalty = self.settings.repetition_penalty;
         if (penalty - 1.0).abs() > f32::EPSILON && penalty > 0.0 {
-            let penalised = candle_transformers::utils::apply_repeat_penalty(logits, penalty, context)?;
+            let penalised =
+                candle_transformers::utils::apply_repeat_penalty(logits, penalty, context)?;
             self.processor.sample(&penalised)
         } else {
             self.processor.sample(logits)
@@ -80,7 +84,13 @@ mod tests {
     }
 
     fn settings(temperature: f64, seed: u64) -> ResolvedSampling {
-        ResolvedSampling { temperature, top_p: None, top_k: None, repetition_penalty: 1.0, seed }
+        ResolvedSampling {
+            temperature,
+            top_p: None,
+            top_k: None,
+            repetition_penalty: 1.0,
+            seed,
+        }
     }
 
     #[test]
@@ -94,7 +104,9 @@ mod tests {
         let l = logits(&[1.0, 1.1, 0.9, 1.05]);
         let draw = |seed| {
             let mut s = Sampler::new(settings(1.0, seed));
-            (0..32).map(|_| s.sample(&l, &[]).unwrap()).collect::<Vec<_>>()
+            (0..32)
+                .map(|_| s.sample(&l, &[]).unwrap())
+                .collect::<Vec<_>>()
         };
         assert_eq!(draw(7), draw(7));
         assert_ne!(draw(7), draw(8));
@@ -102,7 +114,10 @@ mod tests {
 
     #[test]
     fn top_k_one_is_greedy_at_any_temperature() {
-        let mut s = Sampler::new(ResolvedSampling { top_k: Some(1), ..settings(5.0, 3) });
+        let mut s = Sampler::new(ResolvedSampling {
+            top_k: Some(1),
+            ..settings(5.0, 3)
+        });
         for _ in 0..16 {
             assert_eq!(s.sample(&logits(&[0.5, 0.4, 2.0]), &[]).unwrap(), 2);
         }
@@ -110,13 +125,19 @@ mod tests {
 
     #[test]
     fn repetition_penalty_moves_greedy_choice() {
-        let mut s = Sampler::new(ResolvedSampling { repetition_penalty: 2.0, ..settings(0.0, 3) });
+        let mut s = Sampler::new(ResolvedSampling {
+            repetition_penalty: 2.0,
+            ..settings(0.0, 3)
+        });
         assert_eq!(s.sample(&logits(&[1.0, 0.8]), &[0]).unwrap(), 1);
     }
 
     #[test]
     fn unset_fields_resolve_to_full_distribution() {
-        let r = ResolvedSampling::from_params(&SamplingParams { seed: Some(4), ..Default::default() });
+        let r = ResolvedSampling::from_params(&SamplingParams {
+            seed: Some(4),
+            ..Default::default()
+        });
         assert_eq!(r.temperature, 1.0);
         assert_eq!(r.top_p, None);
         assert_eq!(r.seed, 4);

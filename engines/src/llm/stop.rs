@@ -21,7 +21,10 @@ pub enum StopCheck {
 impl StopMatcher {
     pub fn new(stops: Vec<String>) -> Self {
         let stops = stops.into_iter().filter(|s| !s.is_empty()).collect();
-        Self { stops, held: String::new() }
+        Self {
+            stops,
+            held: String::new(),
+        }
     }
 
     /// Adds newly decoded text and says what may be released.
@@ -30,7 +33,11 @@ impl StopMatcher {
         if self.stops.is_empty() {
             return StopCheck::Continue(std::mem::take(&mut self.held));
         }
-        let first_match = self.stops.iter().filter_map(|s| self.held.find(s.as_str())).min();
+        let first_match = self
+            .stops
+            .iter()
+            .filter_map(|s| self.held.find(s.as_str()))
+            .min();
         if let Some(at) = first_match {
             let released = self.held[..at].to_string();
             self.held.clear();

@@ -43,34 +43,69 @@ pub async fn start(toml: &str) -> TestServer {
 pub async fn start_with_timeout(toml: &str, request_timeout: Duration) -> TestServer {
     let models = tempfile::tempdir().expect("temp dir");
     omnistage_engines::tiny::make_tiny(models.path(), 0).expect("make tiny checkpoints");
-    let graph = DeployGraph::from_toml_str(toml, Path::new("test.toml"), models.path(), &[]).expect("valid graph");
+    let graph = DeployGraph::from_toml_str(toml, Path::new("test.toml"), models.path(), &[])
+        .expect("valid graph");
     graph.check_models().expect("models present");
-    let options = ServeOptions { addr: "127.0.0.1:0".parse().unwrap(), request_timeout };
+    let options = ServeOptions {
+        addr: "127.0.0.1:0".parse().unwrap(),
+        request_timeout,
+    };
     let server = Server::start(graph, options).await.expect("server starts");
-    server.wait_ready(Duration::from_secs(60)).await.expect("stages load");
+    server
+        .wait_ready(Duration::from_secs(60))
+        .await
+        .expect("stages load");
     let base = format!("http://{}", server.addr);
-    TestServer { server, base, client: reqwest::Client::new(), _models: models }
+    TestServer {
+        server,
+        base,
+        client: reqwest::Client::new(),
+        _models: models,
+    }
 }
 
 impl TestServer {
     pub async fn post(&self, path: &str, body: serde_json::Value) -> (u16, serde_json::Value) {
-        let resp = self.client.post(format!("{}{path}", self.base)).json(&body).send().await.expect("request sent");
+        let resp = self
+            .client
+            .post(format!("{}{path}", self.base))
+            .json(&body)
+            .send()
+            .await
+            .expect("request sent");
         let status = resp.status().as_u16();
         let json = resp.json().await.unwrap_or(serde_json::Value::Null);
         (status, json)
     }
 
     pub async fn get_text(&self, path: &str) -> (u16, String) {
-        let resp = self.client.get(format!("{}{path}", self.base)).send().await.expect("request sent");
-        (resp.status().as_u16(), resp.text().await.unwrap_or_default())
+        let resp = self
+            .client
+            .get(format!("{}{path}", self.base))
+            .send()
+            .await
+            .expect("request sent");
+        (
+            resp.status().as_u16(),
+            resp.text().await.unwrap_or_default(),
+        )
     }
 
     /// Sends a streaming request and returns every `data:` payload, `[DONE]` included.
     pub async fn stream(&self, path: &str, body: serde_json::Value) -> Vec<String> {
-        let resp = self.client.post(format!("{}{path}", self.base)).json(&body).send().await.expect("request sent");
+        let resp = self
+            .client
+            .post(format!("{}{path}", self.base))
+            .json(&body)
+            .send()
+            .await
+            .expect("request sent");
         assert_eq!(resp.status().as_u16(), 200);
         let text = resp.text().await.expect("stream body");
-        text.lines().filter_map(|l| l.strip_prefix("data: ")).map(str::to_string).collect()
+        text.lines()
+            .filter_map(|l| l.strip_prefix("data: "))
+            .map(str::to_string)
+            .collect()
     }
 
     /// Value of a metric line (exact series match, e.g. `name{label="x"}`), summed over matches
