@@ -39,19 +39,46 @@ pub fn candle_dtype(dtype: DType) -> candle_core::DType {
     }
 }
 
-/// Loads the engine for one replica of `spec`. `consumed` lists the payload kinds downstream
-/// stages take from it, so costly outputs (hidden states) are only computed when someone reads them.
+/// How a stage is wired into its graph: what its inbound edges bring and what its outbound edges
+/// take from it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StageWiring {
+    /// Payload kinds arriving on inbound edges.
+    pub received: Vec<PayloadKind>,
+    /// Payload kinds downstream stages take from it, so costly outputs (hidden states) are only
+    /// computed when someone reads them.
+    pub consumed: Vec<PayloadKind>,
+}
+
+/// Payload kinds an LLM stage can turn into a prompt today.
+const LLM_PROMPT_INPUTS: [PayloadKind; 2] = [PayloadKind::Text, PayloadKind::Tokens];
+
+/// Loads the engine for one replica of `spec`.
 pub fn build_engine(
     spec: &StageSpec,
-    consumed: &[PayloadKind],
+    wiring: &StageWiring,
 ) -> Result<Box<dyn StageEngine>, BuildError> {
     match spec.kind {
         StageKind::Llm => {
+            if let Some(kind) = wiring
+                .received
+                .iter()
+                .find(|k| !LLM_PROMPT_INPUTS.contains(k))
+            {
+                // The schema allows it (a talker conditions on a thinker's hidden states), but the
+                // projection that consumes it is not built yet: refuse at start-up, not per request.
+                return Err(BuildError::Load {
+                    stage: spec.id.clone(),
+                    message: format!(
+                        "an inbound edge carries `{kind}`, which this build's LLM engine cannot take as input yet (it takes text or tokens)"
+                    ),
+                });
+            }
             let device = candle_device(&spec.id, spec.device)?;
             let settings = LlmEngineSettings {
                 max_model_len: spec.max_model_len,
                 sampling: spec.sampling.clone(),
-                emit_hidden: consumed.contains(&PayloadKind::Hidden),
+                emit_hidden: wiring.consumed.contains(&PayloadKind::Hidden),
             };
             let engine = LlmEngine::load(&spec.model, candle_dtype(spec.dtype), &device, settings)
                 .map_err(|e| BuildError::Load {

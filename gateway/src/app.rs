@@ -29,6 +29,8 @@ pub enum ServeError {
     },
     #[error("serving: {0}")]
     Io(#[from] std::io::Error),
+    #[error("a stage failed to load: {0}")]
+    Load(String),
 }
 
 /// Where the embedded default keeps its tiny checkpoints: `$OMNISTAGE_CACHE`, else
@@ -107,6 +109,8 @@ pub struct Server {
     pub addr: SocketAddr,
     pub state: AppState,
     task: tokio::task::JoinHandle<std::io::Result<()>>,
+    /// Reports a stage that failed to load (then the server has nothing to serve).
+    load_failure: tokio::sync::oneshot::Receiver<String>,
 }
 
 impl Server {
@@ -128,9 +132,11 @@ impl Server {
             })?;
         let addr = listener.local_addr()?;
         let loader_slot = slot.clone();
+        let (failed_tx, load_failure) = tokio::sync::oneshot::channel();
         tokio::task::spawn_blocking(move || {
             if let Err(e) = runtime::start(graph, metrics, &loader_slot) {
                 tracing::error!("stages failed to start: {e}");
+                let _ = failed_tx.send(e.to_string());
             }
         });
         let app = router(state.clone());
@@ -139,7 +145,12 @@ impl Server {
                 .with_graceful_shutdown(shutdown_signal())
                 .await
         });
-        Ok(Server { addr, state, task })
+        Ok(Server {
+            addr,
+            state,
+            task,
+            load_failure,
+        })
     }
 
     /// Waits until every stage is loaded (or one failed).
@@ -163,11 +174,30 @@ impl Server {
         }
     }
 
-    /// Serves until Ctrl-C / SIGTERM.
+    /// Serves until Ctrl-C / SIGTERM, or fails when a stage cannot load.
     pub async fn run(self) -> Result<(), ServeError> {
-        match self.task.await {
-            Ok(r) => Ok(r?),
-            Err(e) => Err(ServeError::Io(std::io::Error::other(e.to_string()))),
+        let Server {
+            task,
+            load_failure,
+            state,
+            ..
+        } = self;
+        let load_failed = async {
+            match load_failure.await {
+                Ok(message) => message,
+                // The loader succeeded (and dropped its sender): nothing to report, ever.
+                Err(_) => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            served = task => match served {
+                Ok(r) => Ok(r?),
+                Err(e) => Err(ServeError::Io(std::io::Error::other(e.to_string()))),
+            },
+            message = load_failed => {
+                drop(state);
+                Err(ServeError::Load(message))
+            }
         }
     }
 

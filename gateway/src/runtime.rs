@@ -5,9 +5,9 @@ use crate::metrics::Metrics;
 use crate::orchestrator::{EventRoutes, Orchestrator, RuntimeEdge};
 use crate::pool::StagePool;
 use omnistage_connectors::connector_for;
+use omnistage_engines::factory::StageWiring;
 use omnistage_scheduler::{spawn_stage, BatchLimits};
 use omnistage_stages::deploy::DeployGraph;
-use omnistage_stages::PayloadKind;
 use serde_json::{json, Value};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
@@ -123,15 +123,23 @@ pub fn start(
     }
     let mut pools = Vec::new();
     for (index, spec) in graph.stages.iter().enumerate() {
-        let consumed: Vec<PayloadKind> = graph
-            .edges
-            .iter()
-            .filter(|e| e.from == spec.id)
-            .map(|e| e.carries)
-            .collect();
+        let wiring = StageWiring {
+            received: graph
+                .edges
+                .iter()
+                .filter(|e| e.to == spec.id)
+                .map(|e| e.carries)
+                .collect(),
+            consumed: graph
+                .edges
+                .iter()
+                .filter(|e| e.from == spec.id)
+                .map(|e| e.carries)
+                .collect(),
+        };
         let mut replicas = Vec::new();
         for replica in 0..spec.replicas {
-            let engine = match omnistage_engines::factory::build_engine(spec, &consumed) {
+            let engine = match omnistage_engines::factory::build_engine(spec, &wiring) {
                 Ok(e) => e,
                 Err(err) => {
                     slot.set_state(&spec.id, StageState::Failed(err.to_string()));
