@@ -1,7 +1,7 @@
 //! Every Prometheus metric omnistage exports, named in one place.
 //!
 //! Naming rules: `omnistage_` prefix; `_seconds`, `_bytes`, `_total` suffixes for durations, sizes
-//! and counters; labels `stage`, `replica`, `kind`, `reason`, `outcome`, `edge`. The registry is
+//! and counters; labels `stage`, `replica`, `model`, `reason`, `outcome`, `edge`. The registry is
 //! owned by the server (no global state), so tests can run several servers side by side.
 
 use crate::orchestrator::JobObserver;
@@ -137,8 +137,8 @@ impl Metrics {
             generated_tokens: counter(
                 &r,
                 GENERATED_TOKENS_TOTAL,
-                "Tokens generated for clients.",
-                &["stage"],
+                "Tokens generated for clients, by served model name.",
+                &["model"],
             ),
             request_seconds: histogram(
                 &r,

@@ -397,7 +397,14 @@ impl JobRun {
         for e in outgoing {
             let edge = &self.orch.edges[e];
             let parts = self.gathered.remove(&e).unwrap_or_default();
-            let Some(whole) = Payload::concat(&parts) else {
+            // A stage may legitimately finish with nothing (an LLM that stops at once): that is
+            // empty text or no tokens, not a failure.
+            let whole = match (parts.is_empty(), edge.carries) {
+                (true, PayloadKind::Text) => Some(Payload::Text("".into())),
+                (true, PayloadKind::Tokens) => Some(Payload::Tokens(Vec::new().into())),
+                _ => Payload::concat(&parts),
+            };
+            let Some(whole) = whole else {
                 return Err(JobError::StageFailed {
                     stage: self.stage_name(s),
                     message: format!("produced no {} for edge {}", edge.carries, edge.label),

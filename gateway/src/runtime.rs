@@ -121,8 +121,17 @@ pub fn start(
             connector,
         });
     }
+    for e in graph.edges.iter().filter(|e| e.stream.is_some()) {
+        tracing::warn!(
+            edge = %format!("{}->{}", e.from, e.to),
+            "`stream` is validated but not yet honoured: the edge delivers its payload when the producer finishes"
+        );
+    }
     let mut pools = Vec::new();
     for (index, spec) in graph.stages.iter().enumerate() {
+        if spec.process {
+            tracing::warn!(stage = %spec.id, "`process = true` is not yet honoured: the stage runs in the gateway's process");
+        }
         let wiring = StageWiring {
             received: graph
                 .edges

@@ -279,14 +279,14 @@ async fn respond(
 
 async fn collect(state: AppState, mut job: JobStream, flavor: Flavor, id: String) -> Response {
     let mut text = String::new();
-    let stage = state.model_name.clone();
+    let model = state.model_name.clone();
     loop {
         match job.next().await {
             Some(JobEvent::Text { delta, tokens }) => {
                 state
                     .metrics
                     .generated_tokens
-                    .with_label_values(&[&stage])
+                    .with_label_values(&[&model])
                     .inc_by(tokens as u64);
                 text.push_str(&delta);
             }

@@ -179,3 +179,36 @@ text = "answerer"
     let (_, health) = s.get_text("/health").await;
     assert!(health.contains("drafter") && health.contains("answerer"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn replicas_share_the_load() {
+    let s =
+        std::sync::Arc::new(start(&single_stage_toml("replicas = 2\nmax_batch_size = 2")).await);
+    let mut tasks = Vec::new();
+    for i in 0..8 {
+        let s = s.clone();
+        tasks.push(tokio::spawn(async move {
+            s.post(
+                "/v1/chat/completions",
+                chat_body(&format!("job {i}"), 24, false),
+            )
+            .await
+        }));
+    }
+    for t in tasks {
+        let (status, body) = t.await.unwrap();
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["usage"]["completion_tokens"], 24);
+    }
+    for replica in ["0", "1"] {
+        let steps = s
+            .metric_sum(&format!(
+                "omnistage_stage_step_batch_size_count{{replica=\"{replica}\",stage=\"thinker\"}}"
+            ))
+            .await;
+        assert!(steps > 0.0, "replica {replica} never stepped");
+    }
+    let (_, health) = s.get_text("/health").await;
+    let health: Value = serde_json::from_str(&health).unwrap();
+    assert_eq!(health["stages"]["thinker"]["replicas"], 2);
+}
