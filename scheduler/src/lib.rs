@@ -13,11 +13,13 @@
 //! unit-tested without a model; [`stage`] wraps it in a `Mutex` + `Condvar` and keeps every engine
 //! call outside that mutex, so submitting or cancelling never waits for a forward pass.
 
+pub mod kv;
 pub mod limits;
 pub mod observer;
 pub mod policy;
 pub mod stage;
 
+pub use kv::{BlockId, BlockManager, KvConfig, KvError, KvStats, SeqKey};
 pub use limits::{BatchLimits, LimitsError};
 pub use observer::{NoopObserver, StageObserver};
 pub use policy::{AdmitOutcome, BatchState, CancelOutcome, Drained, QueueFull, StepPlan};
