@@ -6,9 +6,12 @@
 
 use crate::orchestrator::JobObserver;
 use omnistage_scheduler::StageObserver;
+use omnistage_stages::EngineStats;
 use prometheus::{
     Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
 };
+use std::collections::HashMap;
+use std::sync::Mutex;
 use std::time::Duration;
 
 pub mod names {
@@ -18,6 +21,13 @@ pub mod names {
     pub const STAGE_STEP_SECONDS: &str = "omnistage_stage_step_seconds";
     pub const STAGE_STEP_TOKENS_TOTAL: &str = "omnistage_stage_step_tokens_total";
     pub const STAGE_STATE_BYTES: &str = "omnistage_stage_state_bytes";
+    pub const STAGE_KV_BLOCKS_USED: &str = "omnistage_stage_kv_blocks_used";
+    pub const STAGE_KV_BLOCKS_CACHED: &str = "omnistage_stage_kv_blocks_cached";
+    pub const STAGE_KV_BLOCKS_TOTAL: &str = "omnistage_stage_kv_blocks_total";
+    pub const STAGE_PREEMPTIONS_TOTAL: &str = "omnistage_stage_preemptions_total";
+    pub const STAGE_PREFIX_QUERY_TOKENS_TOTAL: &str =
+        "omnistage_stage_prefix_cache_query_tokens_total";
+    pub const STAGE_PREFIX_HIT_TOKENS_TOTAL: &str = "omnistage_stage_prefix_cache_hit_tokens_total";
     pub const STAGE_JOB_FAILURES_TOTAL: &str = "omnistage_stage_job_failures_total";
     pub const GENERATED_TOKENS_TOTAL: &str = "omnistage_generated_tokens_total";
     pub const REQUEST_SECONDS: &str = "omnistage_request_duration_seconds";
@@ -42,6 +52,14 @@ pub struct Metrics {
     step_seconds: HistogramVec,
     step_tokens: IntCounterVec,
     state_bytes: IntGaugeVec,
+    kv_used: IntGaugeVec,
+    kv_cached: IntGaugeVec,
+    kv_total: IntGaugeVec,
+    preemptions: IntCounterVec,
+    prefix_queries: IntCounterVec,
+    prefix_hits: IntCounterVec,
+    /// Engine counters as last seen, so Prometheus counters advance by the difference.
+    last_engine: Mutex<HashMap<(String, usize), EngineStats>>,
     stage_failures: IntCounterVec,
     pub generated_tokens: IntCounterVec,
     request_seconds: HistogramVec,
@@ -128,6 +146,43 @@ impl Metrics {
                 "Bytes of per-job engine state (KV cache).",
                 sr,
             ),
+            kv_used: gauge(
+                &r,
+                STAGE_KV_BLOCKS_USED,
+                "KV cache blocks referenced by live jobs.",
+                sr,
+            ),
+            kv_cached: gauge(
+                &r,
+                STAGE_KV_BLOCKS_CACHED,
+                "Unreferenced KV blocks kept for prefix reuse.",
+                sr,
+            ),
+            kv_total: gauge(
+                &r,
+                STAGE_KV_BLOCKS_TOTAL,
+                "KV cache blocks in the stage's pool.",
+                sr,
+            ),
+            preemptions: counter(
+                &r,
+                STAGE_PREEMPTIONS_TOTAL,
+                "Jobs whose KV cache was dropped for room and recomputed.",
+                sr,
+            ),
+            prefix_queries: counter(
+                &r,
+                STAGE_PREFIX_QUERY_TOKENS_TOTAL,
+                "Prompt tokens looked up in the prefix cache.",
+                sr,
+            ),
+            prefix_hits: counter(
+                &r,
+                STAGE_PREFIX_HIT_TOKENS_TOTAL,
+                "Prompt tokens found in the prefix cache.",
+                sr,
+            ),
+            last_engine: Mutex::new(HashMap::new()),
             stage_failures: counter(
                 &r,
                 STAGE_JOB_FAILURES_TOTAL,
@@ -196,11 +251,38 @@ impl Metrics {
         }
     }
 
-    /// Records the size of a stage's per-job state.
-    pub fn set_state_bytes(&self, stage: &str, replica: usize, bytes: usize) {
+    /// Records a stage replica's engine figures (called when metrics are scraped).
+    pub fn record_engine(&self, stage: &str, replica: usize, now: &EngineStats) {
+        let r = replica.to_string();
+        let l = [stage, r.as_str()];
         self.state_bytes
-            .with_label_values(&[stage, &replica.to_string()])
-            .set(bytes as i64);
+            .with_label_values(&l)
+            .set(now.state_bytes as i64);
+        self.kv_used
+            .with_label_values(&l)
+            .set(now.kv_blocks_used as i64);
+        self.kv_cached
+            .with_label_values(&l)
+            .set(now.kv_blocks_cached as i64);
+        self.kv_total
+            .with_label_values(&l)
+            .set(now.kv_blocks_total as i64);
+        let mut last = self.last_engine.lock().unwrap_or_else(|e| e.into_inner());
+        let before = last
+            .insert((stage.to_string(), replica), *now)
+            .unwrap_or_default();
+        self.preemptions.with_label_values(&l).inc_by(
+            now.preemptions_total
+                .saturating_sub(before.preemptions_total),
+        );
+        self.prefix_queries.with_label_values(&l).inc_by(
+            now.prefix_query_tokens_total
+                .saturating_sub(before.prefix_query_tokens_total),
+        );
+        self.prefix_hits.with_label_values(&l).inc_by(
+            now.prefix_hit_tokens_total
+                .saturating_sub(before.prefix_hit_tokens_total),
+        );
     }
 
     /// Counts an error answered to a client.

@@ -470,7 +470,7 @@ async fn metrics(State(state): State<AppState>) -> Response {
             for (replica, stats) in pool.stats().iter().enumerate() {
                 state
                     .metrics
-                    .set_state_bytes(pool.id(), replica, stats.state_bytes);
+                    .record_engine(pool.id(), replica, &stats.engine);
             }
         }
     }

@@ -10,7 +10,9 @@
 use crate::limits::BatchLimits;
 use crate::observer::StageObserver;
 use crate::policy::{AdmitOutcome, BatchState, CancelOutcome, StepPlan};
-use omnistage_stages::{EngineError, JobId, StageEngine, StageEvent, StageInput, StepWork};
+use omnistage_stages::{
+    EngineError, EngineStats, JobId, StageEngine, StageEvent, StageInput, StepWork,
+};
 use std::any::Any;
 use std::collections::HashSet;
 use std::fmt;
@@ -43,6 +45,8 @@ pub struct StageStats {
     pub running: usize,
     /// The engine's `state_bytes()` after its last step or release.
     pub state_bytes: usize,
+    /// The engine's full [`EngineStats`] at the same moment.
+    pub engine: EngineStats,
     /// Steps run since the stage started (failed steps included).
     pub steps_total: u64,
 }
@@ -74,7 +78,7 @@ struct Queue {
     stopping: bool,
     /// The thread has exited.
     stopped: bool,
-    state_bytes: usize,
+    engine_stats: EngineStats,
     steps_total: u64,
 }
 
@@ -109,7 +113,7 @@ pub fn spawn_stage<E: StageEngine>(
             to_release: Vec::new(),
             stopping: false,
             stopped: false,
-            state_bytes: engine.state_bytes(),
+            engine_stats: engine.stats(),
             steps_total: 0,
         }),
         wake: Condvar::new(),
@@ -188,7 +192,8 @@ impl StageHandle {
         StageStats {
             waiting: queue.batch.waiting_len(),
             running: queue.batch.running_len(),
-            state_bytes: queue.state_bytes,
+            state_bytes: queue.engine_stats.state_bytes,
+            engine: queue.engine_stats,
             steps_total: queue.steps_total,
         }
     }
@@ -329,8 +334,8 @@ impl<E: StageEngine> Worker<E> {
         for &job in jobs {
             self.engine.release(job);
         }
-        let bytes = self.engine.state_bytes();
-        self.shared.lock().state_bytes = bytes;
+        let stats = self.engine.stats();
+        self.shared.lock().engine_stats = stats;
     }
 
     /// Admits waiting jobs into `plan` one by one (engine calls outside the lock) and returns the
@@ -440,13 +445,13 @@ impl<E: StageEngine> Worker<E> {
                 .collect();
             (Vec::new(), pending)
         };
-        let bytes = self.engine.state_bytes();
+        let stats = self.engine.stats();
 
         let mut deliver = Vec::with_capacity(events.len() + failed.len());
         {
             let mut queue = self.shared.lock();
             queue.steps_total += 1;
-            queue.state_bytes = bytes;
+            queue.engine_stats = stats;
             for (job, event) in events {
                 let ends = matches!(event, StageEvent::Finished { .. } | StageEvent::Failed(_));
                 if !queue.batch.is_running(job) {

@@ -38,6 +38,24 @@ pub enum StageEvent {
     Failed(EngineError),
 }
 
+/// What an engine reports about its memory and caches, for metrics and tests. Counters
+/// (`*_total`) only grow over the engine's life.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct EngineStats {
+    /// Bytes of state held for live jobs (KV blocks they reference).
+    pub state_bytes: usize,
+    /// KV cache blocks referenced by live jobs, and the pool's size (0 for engines without one).
+    pub kv_blocks_used: usize,
+    pub kv_blocks_total: usize,
+    /// Unreferenced blocks kept because they hold a reusable prompt prefix.
+    pub kv_blocks_cached: usize,
+    /// Jobs whose KV cache was dropped to make room, to be recomputed later.
+    pub preemptions_total: u64,
+    /// Prompt tokens looked up in the prefix cache, and how many were found.
+    pub prefix_query_tokens_total: u64,
+    pub prefix_hit_tokens_total: u64,
+}
+
 /// A batched engine driven by a stage scheduler on the stage's own OS thread.
 pub trait StageEngine: Send + 'static {
     /// Validates a new job and sets up its state. Returns the number of input tokens it must
@@ -61,6 +79,14 @@ pub trait StageEngine: Send + 'static {
 
     /// Bytes of per-job state (KV cache) currently held; for metrics and leak tests.
     fn state_bytes(&self) -> usize;
+
+    /// Memory and cache figures; engines with a KV pool override this.
+    fn stats(&self) -> EngineStats {
+        EngineStats {
+            state_bytes: self.state_bytes(),
+            ..EngineStats::default()
+        }
+    }
 }
 
 /// Lets the runtime hold engines of different kinds behind one type.
@@ -87,5 +113,9 @@ impl StageEngine for Box<dyn StageEngine> {
 
     fn state_bytes(&self) -> usize {
         (**self).state_bytes()
+    }
+
+    fn stats(&self) -> EngineStats {
+        (**self).stats()
     }
 }

@@ -12,7 +12,7 @@ pub mod engine;
 pub mod job;
 pub mod payload;
 
-pub use engine::{EngineError, StageEngine, StageEvent, StepWork};
+pub use engine::{EngineError, EngineStats, StageEngine, StageEvent, StepWork};
 pub use job::{
     ChatMessage, FinishReason, JobId, JobRequest, Modality, Prompt, SamplingParams, StageInput,
     Usage,
