@@ -410,3 +410,38 @@ fn shipped_deployment_files_parse() {
         Some(q.id.as_str())
     );
 }
+
+#[test]
+fn kv_cache_settings_parse_with_units_and_name_the_field_when_wrong() {
+    let base = "name = \"g\"\n[[stage]]\nid = \"thinker\"\nkind = \"llm\"\nmodel = \"m\"\n";
+    let ok = format!("{base}kv_cache_bytes = \"256MiB\"\nkv_block_size = 32\nprefix_caching = false\n[outputs]\ntext = \"thinker\"\n");
+    let g = DeployGraph::from_toml_str(&ok, Path::new(FILE), Path::new("/base"), &[]).unwrap();
+    let s = g.stage("thinker").unwrap();
+    assert_eq!(s.kv_cache_bytes, Some(256 << 20));
+    assert_eq!(s.kv_block_size, 32);
+    assert!(!s.prefix_caching);
+    assert!(g.to_text().contains("blocks of 32 tokens"));
+    let defaults = format!("{base}[outputs]\ntext = \"thinker\"\n");
+    let g =
+        DeployGraph::from_toml_str(&defaults, Path::new(FILE), Path::new("/base"), &[]).unwrap();
+    let s = g.stage("thinker").unwrap();
+    assert_eq!(
+        (s.kv_cache_bytes, s.kv_block_size, s.prefix_caching),
+        (None, 16, true)
+    );
+    let env = [(
+        "OMNISTAGE_STAGE__THINKER__KV_CACHE_BYTES".to_string(),
+        "1GiB".to_string(),
+    )];
+    let g =
+        DeployGraph::from_toml_str(&defaults, Path::new(FILE), Path::new("/base"), &env).unwrap();
+    assert_eq!(g.stage("thinker").unwrap().kv_cache_bytes, Some(1 << 30));
+    let bad = format!("{base}kv_cache_bytes = \"12 parsecs\"\n[outputs]\ntext = \"thinker\"\n");
+    let err = DeployGraph::from_toml_str(&bad, Path::new(FILE), Path::new("/base"), &[])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains(FILE) && err.contains("thinker") && err.contains("kv_cache_bytes"),
+        "{err}"
+    );
+}

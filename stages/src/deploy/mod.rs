@@ -83,6 +83,13 @@ pub struct StageSpec {
     pub max_queue: usize,
     /// Longest prompt + generation the stage accepts (defaults to the model's own limit).
     pub max_model_len: Option<usize>,
+    /// Memory for the stage's paged KV cache (LLM stages); `None` = sized from the batching
+    /// limits. Written as bytes or with a unit: `"256MiB"`, `"2GiB"`, `"500MB"`.
+    pub kv_cache_bytes: Option<u64>,
+    /// Tokens per KV cache block (LLM stages).
+    pub kv_block_size: usize,
+    /// Reuse KV blocks of identical prompt prefixes across requests (LLM stages).
+    pub prefix_caching: bool,
     /// Payload kinds this stage is asked to produce (used by `check` and edge validation).
     pub outputs: Vec<PayloadKind>,
     /// Default sampling for this stage; requests override field by field.

@@ -45,6 +45,9 @@ pub(super) const STAGE_FIELDS: &[(&str, FieldTy)] = &[
     ("max_wait_ms", FieldTy::UInt),
     ("max_queue", FieldTy::UInt),
     ("max_model_len", FieldTy::UInt),
+    ("kv_cache_bytes", FieldTy::Str),
+    ("kv_block_size", FieldTy::UInt),
+    ("prefix_caching", FieldTy::Bool),
     ("outputs", FieldTy::CsvList),
     ("sampling", FieldTy::Table),
     ("process", FieldTy::Bool),
@@ -90,6 +93,9 @@ pub(super) struct RawStage {
     max_wait_ms: Option<u64>,
     max_queue: Option<usize>,
     max_model_len: Option<usize>,
+    kv_cache_bytes: Option<Value>,
+    kv_block_size: Option<usize>,
+    prefix_caching: Option<bool>,
     outputs: Option<Vec<String>>,
     sampling: Option<Map<String, Value>>,
     process: Option<bool>,
@@ -326,6 +332,12 @@ fn stage(n: usize, value: &Value, file: &str, base_dir: &Path) -> Result<StageSp
             .max_model_len
             .map(|v| at_least_one(v, file, &site, "max_model_len"))
             .transpose()?,
+        kv_cache_bytes: r
+            .kv_cache_bytes
+            .map(|v| byte_size(&v).map_err(|message| bad(file, &site, "kv_cache_bytes", &message)))
+            .transpose()?,
+        kv_block_size: at_least_one(r.kv_block_size.unwrap_or(16), file, &site, "kv_block_size")?,
+        prefix_caching: r.prefix_caching.unwrap_or(true),
         outputs,
         sampling,
         process: r.process.unwrap_or(false),
@@ -524,6 +536,53 @@ fn one_of<T: Copy>(
         })
 }
 
+/// Reads a byte count: a positive integer, or a string with an optional unit (B, KB, MB, GB,
+/// KiB, MiB, GiB, TiB; case-insensitive; `k`/`m`/`g` alone mean the binary units).
+pub(super) fn byte_size(v: &Value) -> Result<u64, String> {
+    let text = match v {
+        Value::Number(n) => {
+            return n
+                .as_u64()
+                .filter(|n| *n > 0)
+                .ok_or_else(|| format!("must be a positive byte count, got {n}"))
+        }
+        Value::String(s) => s.trim().to_string(),
+        other => {
+            return Err(format!(
+                "must be a byte count like 268435456 or \"256MiB\", got {other}"
+            ))
+        }
+    };
+    let split = text
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: f64 = number
+        .parse()
+        .map_err(|_| format!("`{text}` is not a byte count like \"256MiB\""))?;
+    let scale: f64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1.0,
+        "kb" => 1e3,
+        "mb" => 1e6,
+        "gb" => 1e9,
+        "tb" => 1e12,
+        "k" | "kib" => 1024.0,
+        "m" | "mib" => 1024.0 * 1024.0,
+        "g" | "gib" => 1024.0 * 1024.0 * 1024.0,
+        "t" | "tib" => 1024.0f64.powi(4),
+        other => {
+            return Err(format!(
+                "unknown unit `{other}` in `{text}`; use B, KB, MB, GB, KiB, MiB or GiB"
+            ))
+        }
+    };
+    let bytes = number * scale;
+    if !(bytes >= 1.0 && bytes.is_finite()) {
+        return Err(format!("`{text}` must be at least one byte"));
+    }
+    Ok(bytes as u64)
+}
+
 fn at_least_one(v: usize, file: &str, site: &Site, field: &str) -> Result<usize, DeployError> {
     if v >= 1 {
         return Ok(v);
@@ -540,6 +599,19 @@ fn at_least_one(v: usize, file: &str, site: &Site, field: &str) -> Result<usize,
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn byte_sizes_with_units() {
+        assert_eq!(byte_size(&Value::from(1024u64)), Ok(1024));
+        assert_eq!(byte_size(&Value::from("256MiB")), Ok(256 << 20));
+        assert_eq!(byte_size(&Value::from("2 GiB")), Ok(2 << 30));
+        assert_eq!(byte_size(&Value::from("500MB")), Ok(500_000_000));
+        assert_eq!(byte_size(&Value::from("1.5k")), Ok(1536));
+        assert!(byte_size(&Value::from("12 parsecs")).is_err());
+        assert!(byte_size(&Value::from("MiB")).is_err());
+        assert!(byte_size(&Value::from(0u64)).is_err());
+        assert!(byte_size(&Value::from(true)).is_err());
+    }
 
     /// The field tables (used for unknown-field messages and env overrides) must name exactly
     /// the raw structs' fields.

@@ -1,6 +1,6 @@
 //! Rendering a graph for people: a plain-text summary and a Graphviz DOT digraph.
 
-use super::{join, DeployGraph, EdgeSpec, SamplingParams};
+use super::{join, DeployGraph, EdgeSpec, SamplingParams, StageKind};
 use std::fmt::Write;
 
 /// The text summary behind [`DeployGraph::to_text`].
@@ -36,6 +36,18 @@ pub(super) fn text(g: &DeployGraph) -> String {
             "    batching: max_batch_size={} max_batched_tokens={} max_wait_ms={} max_queue={} max_model_len={max_len}",
             s.max_batch_size, s.max_batched_tokens, s.max_wait_ms, s.max_queue
         );
+        if s.kind == StageKind::Llm {
+            let budget = s.kv_cache_bytes.map_or_else(
+                || "sized from batching limits".to_string(),
+                |b| format!("{b} bytes"),
+            );
+            let _ = writeln!(
+                out,
+                "    kv cache: {budget}, blocks of {} tokens, prefix caching {}",
+                s.kv_block_size,
+                if s.prefix_caching { "on" } else { "off" }
+            );
+        }
         let _ = writeln!(out, "    outputs:  {}", join(&s.outputs));
         let sampling = sampling_text(&s.sampling);
         if !sampling.is_empty() {
