@@ -9,6 +9,9 @@
 //! matmuls over the whole batch. RoPE uses each token's own absolute position. Attention runs
 //! per sequence over its cached K/V plus the new K/V (causal only within the new chunk), and
 //! logits are computed only for each sequence's last new token.
+//!
+//! [`LlmModel::forward_paged`] (in [`super::paged`]) runs the same forward with keys and values
+//! in a shared pool of fixed-size blocks instead of per-sequence caches.
 
 use std::path::Path;
 
@@ -153,6 +156,49 @@ pub struct BatchOutput {
     /// Per sequence, `[n_new_tokens, hidden_size]` f32 final hidden states after the final norm
     /// (HF's `hidden_states[-1]`) when `want_hidden` was set, else `None`.
     pub hidden: Vec<Option<Tensor>>,
+}
+
+/// One validated sequence of a batch, as the shared forward core sees it.
+pub(crate) struct SeqInput<'a> {
+    /// New tokens (non-empty, ids in the vocabulary).
+    pub(crate) tokens: &'a [u32],
+    /// Position of `tokens[0]`: the number of tokens already cached.
+    pub(crate) past: usize,
+    /// Whether to return the new tokens' final hidden states.
+    pub(crate) want_hidden: bool,
+}
+
+/// Where a forward stores each layer's new keys and values and loads a sequence's context.
+pub(crate) trait KvAccess {
+    /// Stores `k`, `v` (`[n, kv_heads, head_dim]`, contiguous): layer `layer` of the new tokens
+    /// of sequence `seq` (positions `past..past + n`). Returns all `past + n` keys and values
+    /// of that sequence as `[kv_heads, past + n, head_dim]`, laid out for `matmul`.
+    fn store_and_load(
+        &mut self,
+        layer: usize,
+        seq: usize,
+        past: usize,
+        k: &Tensor,
+        v: &Tensor,
+    ) -> candle_core::Result<(Tensor, Tensor)>;
+}
+
+/// [`KvAccess`] over the per-sequence caches of a [`LlmModel::forward`] batch.
+struct CacheKv<'s, 'a>(&'s mut [SeqChunk<'a>]);
+
+impl KvAccess for CacheKv<'_, '_> {
+    fn store_and_load(
+        &mut self,
+        layer: usize,
+        seq: usize,
+        past: usize,
+        k: &Tensor,
+        v: &Tensor,
+    ) -> candle_core::Result<(Tensor, Tensor)> {
+        let k = k.transpose(0, 1)?.contiguous()?;
+        let v = v.transpose(0, 1)?.contiguous()?;
+        self.0[seq].cache.append(layer, &k, &v, past)
+    }
 }
 
 #[derive(Debug)]
@@ -310,10 +356,7 @@ impl LlmModel {
         if batch.is_empty() {
             return Err(LlmError::Input("empty batch".into()));
         }
-        let total: usize = batch.iter().map(|c| c.tokens.len()).sum();
-        let mut ids = Vec::with_capacity(total);
-        let mut positions = Vec::with_capacity(total);
-        let mut spans = Vec::with_capacity(batch.len());
+        let mut seqs = Vec::with_capacity(batch.len());
         for (i, chunk) in batch.iter().enumerate() {
             if chunk.tokens.is_empty() {
                 return Err(LlmError::Input(format!("sequence {i} has no new tokens")));
@@ -325,24 +368,55 @@ impl LlmModel {
                     self.layers.len()
                 )));
             }
-            if let Some(&t) = chunk
-                .tokens
-                .iter()
-                .find(|&&t| t as usize >= self.cfg.vocab_size)
-            {
-                return Err(LlmError::Input(format!(
-                    "sequence {i}: token id {t} >= vocab size {}",
-                    self.cfg.vocab_size
-                )));
-            }
-            let past = chunk.cache.len;
+            self.check_token_ids(i, chunk.tokens)?;
+            seqs.push(SeqInput {
+                tokens: chunk.tokens,
+                past: chunk.cache.len,
+                want_hidden: chunk.want_hidden,
+            });
+        }
+        let out = self.forward_core(&seqs, &mut CacheKv(batch))?;
+        for (chunk, seq) in batch.iter_mut().zip(&seqs) {
+            chunk.cache.len = seq.past + seq.tokens.len();
+        }
+        Ok(out)
+    }
+
+    /// Number of decoder layers.
+    pub(crate) fn num_layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    /// `LlmError::Input` when sequence `i` has a token id outside the vocabulary.
+    pub(crate) fn check_token_ids(&self, i: usize, tokens: &[u32]) -> Result<(), LlmError> {
+        match tokens.iter().find(|&&t| t as usize >= self.cfg.vocab_size) {
+            Some(t) => Err(LlmError::Input(format!(
+                "sequence {i}: token id {t} >= vocab size {}",
+                self.cfg.vocab_size
+            ))),
+            None => Ok(()),
+        }
+    }
+
+    /// The forward shared by [`Self::forward`] and [`Self::forward_paged`] over validated
+    /// inputs (non-empty chunks, token ids in range); `kv` stores and loads keys and values.
+    pub(crate) fn forward_core(
+        &self,
+        seqs: &[SeqInput<'_>],
+        kv: &mut dyn KvAccess,
+    ) -> Result<BatchOutput, LlmError> {
+        let total: usize = seqs.iter().map(|c| c.tokens.len()).sum();
+        let mut ids = Vec::with_capacity(total);
+        let mut positions = Vec::with_capacity(total);
+        let mut spans = Vec::with_capacity(seqs.len());
+        for seq in seqs {
             spans.push(Span {
                 offset: ids.len(),
-                len: chunk.tokens.len(),
-                past,
+                len: seq.tokens.len(),
+                past: seq.past,
             });
-            ids.extend_from_slice(chunk.tokens);
-            positions.extend((past..past + chunk.tokens.len()).map(|p| p as f32));
+            ids.extend_from_slice(seq.tokens);
+            positions.extend((seq.past..seq.past + seq.tokens.len()).map(|p| p as f32));
         }
 
         let ids = Tensor::from_vec(ids, total, &self.device)?;
@@ -361,7 +435,7 @@ impl LlmModel {
         for (li, layer) in self.layers.iter().enumerate() {
             let residual = &xs;
             let h = layer.input_layernorm.forward(&xs)?;
-            let attn = self.attention(li, &layer.attn, &h, &cos, &sin, batch, &spans, &masks)?;
+            let attn = self.attention(li, &layer.attn, &h, &cos, &sin, kv, &spans, &masks)?;
             let xs1 = (attn + residual)?;
             let h = layer.post_attention_layernorm.forward(&xs1)?;
             xs = (layer.mlp.forward(&h)? + &xs1)?;
@@ -377,7 +451,7 @@ impl LlmModel {
             .index_select(&last, 0)?
             .apply(&self.lm_head)?
             .to_dtype(DType::F32)?;
-        let hidden = batch
+        let hidden = seqs
             .iter()
             .zip(&spans)
             .map(|(c, s)| {
@@ -386,9 +460,6 @@ impl LlmModel {
                     .transpose()
             })
             .collect::<candle_core::Result<Vec<_>>>()?;
-        for (chunk, span) in batch.iter_mut().zip(&spans) {
-            chunk.cache.len = span.past + span.len;
-        }
         Ok(BatchOutput { logits, hidden })
     }
 
@@ -422,7 +493,7 @@ impl LlmModel {
         xs: &Tensor,
         cos: &Tensor,
         sin: &Tensor,
-        batch: &mut [SeqChunk<'_>],
+        kv: &mut dyn KvAccess,
         spans: &[Span],
         masks: &[Option<Tensor>],
     ) -> candle_core::Result<Tensor> {
@@ -443,15 +514,15 @@ impl LlmModel {
         let scale = 1f64 / (d as f64).sqrt();
 
         let mut outs = Vec::with_capacity(spans.len());
-        for ((chunk, s), mask) in batch.iter_mut().zip(spans).zip(masks) {
+        for (si, (s, mask)) in spans.iter().zip(masks).enumerate() {
             let n = s.len;
             // [heads, n, d]; query head h uses kv head h / groups, so grouping the query heads
             // as [kv_heads, groups * n, d] lets each kv head serve its group without repeating.
             let qi = q.narrow(0, s.offset, n)?.transpose(0, 1)?.contiguous()?;
             let qi = qi.reshape((nkv, groups * n, d))?;
-            let ki = k.narrow(0, s.offset, n)?.transpose(0, 1)?.contiguous()?;
-            let vi = v.narrow(0, s.offset, n)?.transpose(0, 1)?.contiguous()?;
-            let (k_all, v_all) = chunk.cache.append(li, &ki, &vi, s.past)?;
+            let ki = k.narrow(0, s.offset, n)?;
+            let vi = v.narrow(0, s.offset, n)?;
+            let (k_all, v_all) = kv.store_and_load(li, si, s.past, &ki, &vi)?;
             let kv_len = s.past + n;
             let scores = qi.matmul(&k_all.t()?)?.to_dtype(DType::F32)?;
             let mut scores = (scores * scale)?;

@@ -1,0 +1,327 @@
+//! Paged KV: one pool of fixed-size blocks per stage, and the LLM forward over block tables.
+//!
+//! A [`PagedKvPool`] holds, per layer, a K and a V tensor of `num_blocks * block_size` token
+//! slots (`[slots, kv_heads, head_dim]`). A sequence's keys and values live in the blocks listed
+//! in its block table: position `p` sits in slot `table[p / block_size] * block_size +
+//! p % block_size`. Which blocks a sequence gets is decided elsewhere (the scheduler's block
+//! manager); here block ids are plain `u32`. Full blocks of a shared prefix may appear in several
+//! tables, read-only.
+//!
+//! [`LlmModel::forward_paged`] runs the same forward as [`LlmModel::forward`]: the new tokens'
+//! keys and values are written in place into their slots (one copy per run of consecutive
+//! slots), and each sequence's attention reads positions `0..past + n` by gathering its slots
+//! (`index_select`) into a contiguous `[past + n, kv_heads, head_dim]` tensor.
+
+use std::collections::{HashMap, HashSet};
+
+use candle_core::{DType, Device, Tensor};
+
+use super::config::{LlmConfig, LlmError};
+use super::model::{BatchOutput, KvAccess, LlmModel, SeqInput};
+
+/// Per-layer K and V pools for one stage: `[num_blocks * block_size, kv_heads, head_dim]` each
+/// (one row per token slot), in the model dtype, on the model device.
+#[derive(Debug)]
+pub struct PagedKvPool {
+    /// Per layer, the K and the V pool (contiguous, never reallocated: writes go in place).
+    layers: Vec<(Tensor, Tensor)>,
+    num_blocks: usize,
+    block_size: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    dtype: DType,
+    device: Device,
+}
+
+impl PagedKvPool {
+    /// A zeroed pool of `num_blocks` blocks of `block_size` tokens for every layer of `cfg`.
+    pub fn new(
+        cfg: &LlmConfig,
+        num_blocks: usize,
+        block_size: usize,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self, LlmError> {
+        if num_blocks == 0 || block_size == 0 {
+            return Err(LlmError::Input(format!(
+                "paged kv pool needs at least one block of at least one token \
+                 (num_blocks {num_blocks}, block_size {block_size})"
+            )));
+        }
+        let slots = num_blocks
+            .checked_mul(block_size)
+            .filter(|&s| s <= u32::MAX as usize)
+            .ok_or_else(|| {
+                LlmError::Input(format!(
+                    "paged kv pool of {num_blocks} blocks of {block_size} tokens has more \
+                     slots than u32 indices can address"
+                ))
+            })?;
+        let (kv_heads, head_dim) = (cfg.num_key_value_heads, cfg.head_dim);
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|_| {
+                let k = Tensor::zeros((slots, kv_heads, head_dim), dtype, device)?;
+                let v = Tensor::zeros((slots, kv_heads, head_dim), dtype, device)?;
+                Ok((k, v))
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Ok(Self {
+            layers,
+            num_blocks,
+            block_size,
+            kv_heads,
+            head_dim,
+            dtype,
+            device: device.clone(),
+        })
+    }
+
+    /// Bytes one block takes over all layers: `2 (K, V) * layers * block_size * kv_heads *
+    /// head_dim * dtype size`.
+    pub fn bytes_per_block(cfg: &LlmConfig, block_size: usize, dtype: DType) -> usize {
+        2 * cfg.num_hidden_layers
+            * block_size
+            * cfg.num_key_value_heads
+            * cfg.head_dim
+            * dtype.size_in_bytes()
+    }
+
+    /// Tokens per block.
+    pub fn block_size(&self) -> usize {
+        self.block_size
+    }
+
+    /// Number of blocks.
+    pub fn num_blocks(&self) -> usize {
+        self.num_blocks
+    }
+
+    /// Bytes held by the pool's K and V tensors.
+    pub fn bytes(&self) -> usize {
+        self.layers
+            .iter()
+            .map(|(k, v)| (k.elem_count() + v.elem_count()) * self.dtype.size_in_bytes())
+            .sum()
+    }
+
+    /// The dtype of the pool.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// Number of layers.
+    pub fn num_layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    /// The K and V pools of `layer` (`[num_blocks * block_size, kv_heads, head_dim]`), for
+    /// inspection. They share storage with the pool: read them, do not write them.
+    pub fn layer(&self, layer: usize) -> Option<(&Tensor, &Tensor)> {
+        self.layers.get(layer).map(|(k, v)| (k, v))
+    }
+}
+
+/// One sequence's part of a paged forward.
+#[derive(Debug, Clone, Copy)]
+pub struct PagedChunk<'a> {
+    /// New tokens: a prefill chunk or one decode token. Non-empty.
+    pub tokens: &'a [u32],
+    /// Tokens already in the pool for this sequence (positions `0..past`), i.e. the position
+    /// of `tokens[0]`.
+    pub past: usize,
+    /// Block ids holding positions `0..past + tokens.len()` (at least that many blocks; extra
+    /// trailing entries are ignored).
+    pub block_table: &'a [u32],
+    /// Whether to return the final hidden states of the new tokens.
+    pub want_hidden: bool,
+}
+
+/// One sequence's slot plan for a step.
+struct SeqPlan {
+    /// `(row in the chunk, first slot, rows)` per run of consecutive slots to write.
+    writes: Vec<(usize, usize, usize)>,
+    /// `[past + n]` u32 slots of positions `0..past + n`, on the pool device.
+    gather: Tensor,
+}
+
+/// [`KvAccess`] over a pool: writes each run of new rows in place, gathers the context.
+struct PagedKv<'p> {
+    pool: &'p PagedKvPool,
+    plans: Vec<SeqPlan>,
+}
+
+impl KvAccess for PagedKv<'_> {
+    fn store_and_load(
+        &mut self,
+        layer: usize,
+        seq: usize,
+        _past: usize,
+        k: &Tensor,
+        v: &Tensor,
+    ) -> candle_core::Result<(Tensor, Tensor)> {
+        let (pk, pv) = &self.pool.layers[layer];
+        let plan = &self.plans[seq];
+        for &(row, slot, len) in &plan.writes {
+            // slice_set copies into the pool's own storage (checked contiguous, no realloc).
+            pk.slice_set(&k.narrow(0, row, len)?.contiguous()?, 0, slot)?;
+            pv.slice_set(&v.narrow(0, row, len)?.contiguous()?, 0, slot)?;
+        }
+        // [len, kv_heads, d] -> [kv_heads, len, d]. The CPU matmul takes the strided view as
+        // is; cuBLAS needs unit-stride rows of length d, so copy there.
+        let load = |pool: &Tensor| -> candle_core::Result<Tensor> {
+            let t = pool.index_select(&plan.gather, 0)?.transpose(0, 1)?;
+            if self.pool.device.is_cpu() {
+                Ok(t)
+            } else {
+                t.contiguous()
+            }
+        };
+        Ok((load(pk)?, load(pv)?))
+    }
+}
+
+/// Checks every chunk's table against the pool and the other chunks, and plans its writes and
+/// gather. Nothing is written: on error the pool is untouched.
+fn plan(pool: &PagedKvPool, batch: &[PagedChunk<'_>]) -> Result<Vec<SeqPlan>, LlmError> {
+    let bs = pool.block_size;
+    let input = |msg: String| Err(LlmError::Input(msg));
+    // Block -> (writing sequence, first offset written in it).
+    let mut writers: HashMap<u32, (usize, usize)> = HashMap::new();
+    let mut seen = HashSet::new();
+    for (i, c) in batch.iter().enumerate() {
+        let n = c.tokens.len();
+        let Some(end) = c.past.checked_add(n).filter(|&e| e <= u32::MAX as usize) else {
+            return input(format!(
+                "sequence {i}: past {} + {n} tokens overflows",
+                c.past
+            ));
+        };
+        let used = end.div_ceil(bs);
+        if c.block_table.len() < used {
+            return input(format!(
+                "sequence {i}: block table has {} blocks, {used} needed for {end} tokens \
+                 in blocks of {bs}",
+                c.block_table.len()
+            ));
+        }
+        seen.clear();
+        for &b in &c.block_table[..used] {
+            if b as usize >= pool.num_blocks {
+                return input(format!(
+                    "sequence {i}: block id {b} >= pool size {} blocks",
+                    pool.num_blocks
+                ));
+            }
+            if !seen.insert(b) {
+                return input(format!(
+                    "sequence {i}: block {b} appears twice in its table"
+                ));
+            }
+        }
+        for j in c.past / bs..used {
+            let b = c.block_table[j];
+            let lo = if j == c.past / bs { c.past % bs } else { 0 };
+            if let Some((w, _)) = writers.insert(b, (i, lo)) {
+                return input(format!(
+                    "sequences {w} and {i} both write block {b} in one step"
+                ));
+            }
+        }
+    }
+    // A block written this step must not be read by another sequence below the written rows
+    // (shared prefix blocks are read-only; the result would depend on write order).
+    for (i, c) in batch.iter().enumerate() {
+        let end = c.past + c.tokens.len();
+        for (j, b) in c.block_table[..end.div_ceil(bs)].iter().enumerate() {
+            if let Some(&(w, lo)) = writers.get(b) {
+                if w != i && lo < (end - j * bs).min(bs) {
+                    return input(format!(
+                        "sequence {i} reads rows of block {b} that sequence {w} writes \
+                         in this step"
+                    ));
+                }
+            }
+        }
+    }
+    batch
+        .iter()
+        .map(|c| {
+            let slot = |p: usize| c.block_table[p / bs] as usize * bs + p % bs;
+            let end = c.past + c.tokens.len();
+            let mut writes: Vec<(usize, usize, usize)> = Vec::new();
+            for p in c.past..end {
+                let s = slot(p);
+                match writes.last_mut() {
+                    Some((_, first, len)) if *first + *len == s => *len += 1,
+                    _ => writes.push((p - c.past, s, 1)),
+                }
+            }
+            let gather: Vec<u32> = (0..end).map(|p| slot(p) as u32).collect();
+            let gather = Tensor::from_vec(gather, end, &pool.device)?;
+            Ok(SeqPlan { writes, gather })
+        })
+        .collect()
+}
+
+impl LlmModel {
+    /// Like [`LlmModel::forward`], with keys and values in `pool` instead of per-sequence
+    /// caches: the new tokens' keys and values are written at their slots (position `p` of a
+    /// chunk goes to `block_table[p / bs] * bs + p % bs`), and attention reads positions
+    /// `0..past + n` through the block table.
+    ///
+    /// Chunks are validated before anything is written (`LlmError::Input`, pool untouched):
+    /// non-empty tokens in the vocabulary, a table covering `past + n` tokens with distinct
+    /// in-range block ids, and no block written by one chunk while another chunk writes it or
+    /// reads the rows being written. A later tensor error can leave new rows partly written;
+    /// they are past every sequence's valid length and are overwritten by the retry.
+    pub fn forward_paged(
+        &self,
+        pool: &mut PagedKvPool,
+        batch: &[PagedChunk<'_>],
+    ) -> Result<BatchOutput, LlmError> {
+        if batch.is_empty() {
+            return Err(LlmError::Input("empty batch".into()));
+        }
+        let cfg = self.config();
+        if pool.layers.len() != self.num_layers()
+            || pool.kv_heads != cfg.num_key_value_heads
+            || pool.head_dim != cfg.head_dim
+        {
+            return Err(LlmError::Input(format!(
+                "pool of {} layers x {} kv heads x head_dim {} does not fit a model of \
+                 {} x {} x {}",
+                pool.layers.len(),
+                pool.kv_heads,
+                pool.head_dim,
+                self.num_layers(),
+                cfg.num_key_value_heads,
+                cfg.head_dim
+            )));
+        }
+        if pool.dtype != self.dtype() || !pool.device.same_device(self.device()) {
+            return Err(LlmError::Input(format!(
+                "pool is {:?} on {:?}, model is {:?} on {:?}",
+                pool.dtype,
+                pool.device.location(),
+                self.dtype(),
+                self.device().location()
+            )));
+        }
+        for (i, c) in batch.iter().enumerate() {
+            if c.tokens.is_empty() {
+                return Err(LlmError::Input(format!("sequence {i} has no new tokens")));
+            }
+            self.check_token_ids(i, c.tokens)?;
+        }
+        let plans = plan(pool, batch)?;
+        let seqs: Vec<SeqInput<'_>> = batch
+            .iter()
+            .map(|c| SeqInput {
+                tokens: c.tokens,
+                past: c.past,
+                want_hidden: c.want_hidden,
+            })
+            .collect();
+        self.forward_core(&seqs, &mut PagedKv { pool, plans })
+    }
+}
