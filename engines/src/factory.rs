@@ -79,6 +79,10 @@ pub fn build_engine(
                 max_model_len: spec.max_model_len,
                 sampling: spec.sampling.clone(),
                 emit_hidden: wiring.consumed.contains(&PayloadKind::Hidden),
+                kv_cache_bytes: spec.kv_cache_bytes,
+                kv_block_size: spec.kv_block_size,
+                prefix_caching: spec.prefix_caching,
+                max_batch_size: spec.max_batch_size,
             };
             let engine = LlmEngine::load(&spec.model, candle_dtype(spec.dtype), &device, settings)
                 .map_err(|e| BuildError::Load {

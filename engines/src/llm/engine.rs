@@ -1,22 +1,34 @@
-//! The LLM stage engine: continuous batching over [`LlmModel`], one KV cache, sampler, detokenizer
-//! and stop matcher per sequence.
+//! The LLM stage engine: continuous batching over [`LlmModel`] with a paged KV pool.
+//!
+//! The pool's blocks are managed by the scheduler crate's [`BlockManager`]: sequences that share a
+//! prompt prefix share its blocks, and when blocks run out the youngest sequence is preempted
+//! (its blocks freed, its tokens recomputed later), so a full pool delays work but never fails or
+//! corrupts a request. Older sequences are never preempted for younger ones, so the oldest always
+//! makes progress.
 
 use super::chat_template::ChatTemplate;
 use super::generation_config::GenerationConfig;
-use super::model::{LlmModel, SeqChunk, SeqKvCache};
+use super::model::LlmModel;
+use super::paged::{PagedChunk, PagedKvPool};
 use super::sampling::{ResolvedSampling, Sampler};
-use super::stop::{StopCheck, StopMatcher};
+use super::sequence::Sequence;
+use super::stop::StopMatcher;
 use super::tokenizer::{StreamDecoder, TextTokenizer};
 use candle_core::{DType, Device, Tensor};
+use omnistage_scheduler::kv::{BlockManager, KvConfig, KvError, SeqKey};
 use omnistage_stages::{
-    ChatMessage, EngineError, FinishReason, HiddenStates, JobId, Payload, Prompt, SamplingParams,
+    ChatMessage, EngineError, EngineStats, HiddenStates, JobId, Payload, Prompt, SamplingParams,
     StageEngine, StageEvent, StageInput, StepWork, Usage,
 };
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
 
+/// Pool size when the deployment names none: room for `max_batch_size` full-length sequences,
+/// capped at this many bytes.
+const DEFAULT_KV_CAP_BYTES: u64 = 2 << 30;
+
 /// Stage-level settings of an LLM engine (from the deployment file).
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct LlmEngineSettings {
     /// Longest prompt + generation accepted; `None` = the model's `max_position_embeddings`.
     pub max_model_len: Option<usize>,
@@ -24,6 +36,29 @@ pub struct LlmEngineSettings {
     pub sampling: SamplingParams,
     /// Emit final-layer hidden states as `Payload::Hidden` for downstream stages.
     pub emit_hidden: bool,
+    /// Bytes for the paged KV pool; `None` = sized for `max_batch_size` full-length sequences
+    /// (at most 2 GiB).
+    pub kv_cache_bytes: Option<u64>,
+    /// Tokens per KV block.
+    pub kv_block_size: usize,
+    /// Share KV blocks of identical prompt prefixes between requests.
+    pub prefix_caching: bool,
+    /// The stage's batch size, for sizing the default pool.
+    pub max_batch_size: usize,
+}
+
+impl Default for LlmEngineSettings {
+    fn default() -> Self {
+        Self {
+            max_model_len: None,
+            sampling: SamplingParams::default(),
+            emit_hidden: false,
+            kv_cache_bytes: None,
+            kv_block_size: 16,
+            prefix_caching: true,
+            max_batch_size: 32,
+        }
+    }
 }
 
 /// Why an LLM engine could not be built.
@@ -31,25 +66,8 @@ pub struct LlmEngineSettings {
 pub enum LlmEngineError {
     #[error("loading model from {dir}: {message}")]
     Load { dir: String, message: String },
-}
-
-/// One sequence in the running batch.
-struct Sequence {
-    prompt: Vec<u32>,
-    prefilled: usize,
-    generated: Vec<u32>,
-    cache: SeqKvCache,
-    sampler: Sampler,
-    decoder: StreamDecoder,
-    stops: StopMatcher,
-    stop_ids: HashSet<u32>,
-    max_tokens: usize,
-}
-
-impl Sequence {
-    fn pending_prefill(&self) -> usize {
-        self.prompt.len() - self.prefilled
-    }
+    #[error("kv cache: {0}")]
+    KvCache(String),
 }
 
 /// A batched LLM stage engine.
@@ -61,11 +79,17 @@ pub struct LlmEngine {
     eos_ids: Vec<u32>,
     max_model_len: usize,
     emit_hidden: bool,
+    pool: PagedKvPool,
+    blocks: BlockManager,
+    bytes_per_block: usize,
     seqs: HashMap<JobId, Sequence>,
+    next_arrival: u64,
+    preemptions: u64,
 }
 
 impl LlmEngine {
-    /// Loads model, tokenizer, chat template and generation config from a checkpoint directory.
+    /// Loads model, tokenizer, chat template and generation config from a checkpoint directory
+    /// and allocates the KV pool.
     pub fn load(
         dir: &Path,
         dtype: DType,
@@ -80,17 +104,17 @@ impl LlmEngine {
         let tokenizer = TextTokenizer::load(dir).map_err(|e| load_err(e.to_string()))?;
         let template = ChatTemplate::load(dir).map_err(|e| load_err(e.to_string()))?;
         let generation = GenerationConfig::load(dir).map_err(|e| load_err(e.to_string()))?;
-        Ok(Self::new(model, tokenizer, template, generation, settings))
+        Self::new(model, tokenizer, template, generation, settings)
     }
 
-    /// Assembles an engine from loaded parts.
+    /// Assembles an engine from loaded parts and allocates its KV pool.
     pub fn new(
         model: LlmModel,
         tokenizer: TextTokenizer,
         template: Option<ChatTemplate>,
         generation: GenerationConfig,
         settings: LlmEngineSettings,
-    ) -> Self {
+    ) -> Result<Self, LlmEngineError> {
         let checkpoint_defaults = SamplingParams {
             temperature: generation.temperature,
             top_p: generation.top_p,
@@ -109,7 +133,27 @@ impl LlmEngine {
         let max_model_len = settings
             .max_model_len
             .map_or(model_limit, |l| l.min(model_limit));
-        Self {
+        let block_size = settings.kv_block_size.max(1);
+        let bytes_per_block =
+            PagedKvPool::bytes_per_block(model.config(), block_size, model.dtype());
+        let budget = settings.kv_cache_bytes.unwrap_or_else(|| {
+            let blocks = settings.max_batch_size.max(1) * max_model_len.div_ceil(block_size);
+            (blocks as u64 * bytes_per_block as u64).min(DEFAULT_KV_CAP_BYTES)
+        });
+        let mut kv = KvConfig::from_budget(budget as usize, bytes_per_block, block_size)
+            .map_err(|e| LlmEngineError::KvCache(e.to_string()))?;
+        kv.enable_prefix_cache = settings.prefix_caching;
+        let pool = PagedKvPool::new(
+            model.config(),
+            kv.num_blocks,
+            block_size,
+            model.dtype(),
+            model.device(),
+        )
+        .map_err(|e| LlmEngineError::KvCache(e.to_string()))?;
+        // A lone sequence must always fit, so nothing may grow past the pool.
+        let max_model_len = max_model_len.min(kv.num_blocks * block_size);
+        Ok(Self {
             defaults: settings.sampling.or(&checkpoint_defaults),
             model,
             tokenizer,
@@ -117,8 +161,13 @@ impl LlmEngine {
             eos_ids,
             max_model_len,
             emit_hidden: settings.emit_hidden,
+            pool,
+            blocks: BlockManager::new(kv),
+            bytes_per_block,
             seqs: HashMap::new(),
-        }
+            next_arrival: 0,
+            preemptions: 0,
+        })
     }
 
     pub fn model(&self) -> &LlmModel {
@@ -132,6 +181,11 @@ impl LlmEngine {
     /// Number of sequences currently holding state.
     pub fn active_sequences(&self) -> usize {
         self.seqs.len()
+    }
+
+    /// Longest prompt + completion a sequence may reach (model limit, deployment limit and pool).
+    pub fn max_model_len(&self) -> usize {
+        self.max_model_len
     }
 
     /// Renders chat messages with the checkpoint's template.
@@ -183,69 +237,84 @@ impl LlmEngine {
         self.model.config().vocab_size
     }
 
-    /// Samples the next token of a sequence whose prompt is fully prefilled and reports it.
-    /// Returns the finish reason when the sequence is done.
-    fn advance(
-        seq: &mut Sequence,
-        logits: &Tensor,
-        tokenizer: &TextTokenizer,
-        max_model_len: usize,
-        out: &mut Vec<Payload>,
-    ) -> Result<Option<FinishReason>, EngineError> {
-        let compute = |e: candle_core::Error| EngineError::Compute(e.to_string());
-        let context: Vec<u32> = seq
-            .prompt
-            .iter()
-            .chain(seq.generated.iter())
-            .copied()
-            .collect();
-        let token = seq.sampler.sample(logits, &context).map_err(compute)?;
-        if seq.stop_ids.contains(&token) {
-            let tail = seq.stops.flush();
-            if !tail.is_empty() {
-                out.push(Payload::Text(tail.into()));
-            }
-            return Ok(Some(FinishReason::Stop));
+    /// Drops a sequence's KV blocks so it is recomputed later (it keeps its tokens and sampler).
+    fn preempt(&mut self, job: JobId) {
+        if let Some(seq) = self.seqs.get_mut(&job) {
+            self.blocks.free(SeqKey(job.0));
+            seq.computed = 0;
+            self.preemptions += 1;
+            tracing::debug!(%job, tokens = seq.tokens.len(), "preempted: KV blocks freed for recompute");
         }
-        seq.generated.push(token);
-        out.push(Payload::Tokens(vec![token].into()));
-        let piece = seq
-            .decoder
-            .push(tokenizer, token)
-            .map_err(|e| EngineError::Compute(format!("detokenize: {e}")))?
-            .unwrap_or_default();
-        match seq.stops.push(&piece) {
-            StopCheck::Stopped(text) => {
-                if !text.is_empty() {
-                    out.push(Payload::Text(text.into()));
-                }
-                return Ok(Some(FinishReason::Stop));
+    }
+
+    /// Reserves pool room for each planned chunk, oldest sequence first, preempting younger
+    /// sequences when blocks run out. Returns the chunks that can run this step.
+    fn reserve_blocks(&mut self, mut plan: Vec<(JobId, usize)>) -> Vec<(JobId, usize)> {
+        plan.sort_by_key(|(job, _)| self.seqs.get(job).map_or(u64::MAX, |s| s.arrival));
+        let mut runnable = Vec::with_capacity(plan.len());
+        let mut preempted: HashSet<JobId> = HashSet::new();
+        for (job, n) in plan {
+            if preempted.contains(&job) {
+                continue;
             }
-            StopCheck::Continue(text) => {
-                if !text.is_empty() {
-                    out.push(Payload::Text(text.into()));
-                }
-            }
-        }
-        let at_length = seq.generated.len() >= seq.max_tokens
-            || seq.prompt.len() + seq.generated.len() >= max_model_len;
-        if at_length {
-            let mut tail = seq
-                .decoder
-                .flush(tokenizer)
-                .ok()
-                .flatten()
-                .unwrap_or_default();
-            tail = match seq.stops.push(&tail) {
-                StopCheck::Stopped(t) => t,
-                StopCheck::Continue(t) => t + &seq.stops.flush(),
+            let Some(seq) = self.seqs.get(&job) else {
+                continue;
             };
-            if !tail.is_empty() {
-                out.push(Payload::Text(tail.into()));
+            let (arrival, computed) = (seq.arrival, seq.computed);
+            let key = SeqKey(job.0);
+            if computed == 0 && !self.blocks.contains(key) {
+                // Preempted earlier: start over (its prompt prefix may still be cached).
+                let tokens = self.seqs[&job].tokens.clone();
+                match self.blocks.start(key, &tokens[..tokens.len() - 1]) {
+                    Ok(cached) => {
+                        if let Some(seq) = self.seqs.get_mut(&job) {
+                            seq.computed = cached;
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(%job, "kv restart failed: {e}");
+                        continue;
+                    }
+                }
             }
-            return Ok(Some(FinishReason::Length));
+            let seq = &self.seqs[&job];
+            let n = n.min(seq.tokens.len() - seq.computed).max(1);
+            let need = seq.computed + n;
+            loop {
+                match self.blocks.reserve(key, need) {
+                    Ok(()) => {
+                        runnable.push((job, n));
+                        break;
+                    }
+                    Err(KvError::OutOfBlocks { .. }) => {
+                        let victim = self
+                            .seqs
+                            .iter()
+                            .filter(|(j, s)| {
+                                s.arrival > arrival
+                                    && !preempted.contains(j)
+                                    && self.blocks.contains(SeqKey(j.0))
+                            })
+                            .max_by_key(|(_, s)| s.arrival)
+                            .map(|(j, _)| *j);
+                        match victim {
+                            Some(v) => {
+                                self.preempt(v);
+                                preempted.insert(v);
+                                runnable.retain(|(j, _)| *j != v);
+                            }
+                            // The youngest waits for room; it keeps what it has.
+                            None => break,
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(%job, "kv reserve failed: {e}");
+                        break;
+                    }
+                }
+            }
         }
-        Ok(None)
+        runnable
     }
 }
 
@@ -280,20 +349,26 @@ impl StageEngine for LlmEngine {
         if !params.ignore_eos {
             stop_ids.extend(self.eos_ids.iter().copied());
         }
-        let prefill = prompt.len();
+        let cached = self
+            .blocks
+            .start(SeqKey(job.0), &prompt)
+            .map_err(|e| EngineError::Compute(format!("kv cache: {e}")))?;
         let seq = Sequence {
-            prompt,
-            prefilled: 0,
-            generated: Vec::new(),
-            cache: self.model.new_cache(),
+            arrival: self.next_arrival,
+            prompt_len: prompt.len(),
+            tokens: prompt,
+            computed: cached,
             sampler: Sampler::new(ResolvedSampling::from_params(&params)),
             decoder: StreamDecoder::new(),
             stops: StopMatcher::new(params.stop.clone()),
             stop_ids,
             max_tokens,
+            max_len: self.max_model_len,
         };
+        self.next_arrival += 1;
+        let pending = seq.pending_prefill();
         self.seqs.insert(job, seq);
-        Ok(prefill)
+        Ok(pending)
     }
 
     fn pending_input(&self, job: JobId) -> usize {
@@ -305,71 +380,73 @@ impl StageEngine for LlmEngine {
         work: &[StepWork],
         emit: &mut dyn FnMut(JobId, StageEvent),
     ) -> Result<(), EngineError> {
-        // Take the stepping sequences out of the map so each can lend its cache mutably.
-        let mut active: Vec<(JobId, Sequence, Vec<u32>)> = Vec::with_capacity(work.len());
-        for w in work {
-            let Some(seq) = self.seqs.remove(&w.job) else {
-                continue;
-            };
-            let tokens = match seq.pending_prefill() {
-                0 => vec![*seq.generated.last().or(seq.prompt.last()).unwrap_or(&0)],
-                pending => {
-                    let take = pending.min(w.token_budget.max(1));
-                    seq.prompt[seq.prefilled..seq.prefilled + take].to_vec()
-                }
-            };
-            active.push((w.job, seq, tokens));
-        }
-        if active.is_empty() {
+        let plan: Vec<(JobId, usize)> = work
+            .iter()
+            .filter_map(|w| Some((w.job, self.seqs.get(&w.job)?.next_chunk_len(w.token_budget))))
+            .collect();
+        let runnable = self.reserve_blocks(plan);
+        if runnable.is_empty() {
             return Ok(());
         }
-        let forward = {
-            let mut chunks: Vec<SeqChunk<'_>> = active
-                .iter_mut()
-                .map(|(_, seq, tokens)| SeqChunk {
-                    tokens,
-                    cache: &mut seq.cache,
+        let tables: Vec<Vec<u32>> = runnable
+            .iter()
+            .map(|(job, _)| {
+                self.blocks
+                    .block_table(SeqKey(job.0))
+                    .map(|t| t.iter().map(|b| b.0).collect())
+                    .unwrap_or_default()
+            })
+            .collect();
+        let chunks: Vec<PagedChunk<'_>> = runnable
+            .iter()
+            .zip(&tables)
+            .map(|((job, n), table)| {
+                let seq = &self.seqs[job];
+                PagedChunk {
+                    tokens: &seq.tokens[seq.computed..seq.computed + n],
+                    past: seq.computed,
+                    block_table: table,
                     want_hidden: self.emit_hidden,
-                })
-                .collect();
-            self.model.forward(&mut chunks)
-        };
-        let output = match forward {
-            Ok(o) => o,
-            Err(e) => {
-                // Put the sequences back; the scheduler releases every job of a failed step.
-                for (job, seq, _) in active {
-                    self.seqs.insert(job, seq);
                 }
-                return Err(EngineError::Compute(e.to_string()));
-            }
-        };
-        for (row, (job, mut seq, tokens)) in active.into_iter().enumerate() {
+            })
+            .collect();
+        let output = self
+            .model
+            .forward_paged(&mut self.pool, &chunks)
+            .map_err(|e| EngineError::Compute(e.to_string()))?;
+        drop(chunks);
+        for (row, (job, n)) in runnable.into_iter().enumerate() {
+            let Some(mut seq) = self.seqs.remove(&job) else {
+                continue;
+            };
             let mut out = Vec::new();
             if let Some(Some(hidden)) = output.hidden.get(row) {
                 match hidden_rows(hidden) {
                     Ok(h) => out.push(Payload::Hidden(h)),
                     Err(e) => {
+                        self.blocks.free(SeqKey(job.0));
                         emit(job, StageEvent::Failed(EngineError::Compute(e.to_string())));
                         continue;
                     }
                 }
             }
-            let was_prefilling = seq.pending_prefill() > 0;
-            if was_prefilling {
-                seq.prefilled += tokens.len();
+            seq.computed += n;
+            if let Err(e) = self
+                .blocks
+                .commit(SeqKey(job.0), &seq.tokens[..seq.computed])
+            {
+                tracing::warn!(%job, "kv commit failed: {e}");
             }
             let mut finished = None;
-            if seq.pending_prefill() == 0 {
+            if seq.computed == seq.tokens.len() {
                 let logits = output
                     .logits
                     .get(row)
                     .map_err(|e| EngineError::Compute(e.to_string()));
-                match logits.and_then(|l| {
-                    Self::advance(&mut seq, &l, &self.tokenizer, self.max_model_len, &mut out)
-                }) {
+                match logits.and_then(|l| seq.advance(&l, &self.tokenizer, &mut out)) {
                     Ok(f) => finished = f,
                     Err(e) => {
+                        self.blocks.free(SeqKey(job.0));
                         emit(job, StageEvent::Failed(e));
                         continue;
                     }
@@ -381,10 +458,10 @@ impl StageEngine for LlmEngine {
             match finished {
                 Some(reason) => {
                     let usage = Usage {
-                        prompt_tokens: seq.prompt.len(),
-                        completion_tokens: seq.generated.len(),
+                        prompt_tokens: seq.prompt_len,
+                        completion_tokens: seq.generated().len(),
                     };
-                    drop(seq);
+                    self.blocks.free(SeqKey(job.0));
                     emit(job, StageEvent::Finished { reason, usage });
                 }
                 None => {
@@ -396,11 +473,26 @@ impl StageEngine for LlmEngine {
     }
 
     fn release(&mut self, job: JobId) {
-        self.seqs.remove(&job);
+        if self.seqs.remove(&job).is_some() {
+            self.blocks.free(SeqKey(job.0));
+        }
     }
 
     fn state_bytes(&self) -> usize {
-        self.seqs.values().map(|s| s.cache.bytes()).sum()
+        self.blocks.stats().used_blocks * self.bytes_per_block
+    }
+
+    fn stats(&self) -> EngineStats {
+        let kv = self.blocks.stats();
+        EngineStats {
+            state_bytes: kv.used_blocks * self.bytes_per_block,
+            kv_blocks_used: kv.used_blocks,
+            kv_blocks_total: kv.total_blocks,
+            kv_blocks_cached: kv.cached_blocks,
+            preemptions_total: self.preemptions,
+            prefix_query_tokens_total: kv.prefix_query_tokens,
+            prefix_hit_tokens_total: kv.prefix_hit_tokens,
+        }
     }
 }
 
