@@ -403,7 +403,9 @@ fn sse_events(
         let data: Vec<Value> = match s.job.next().await {
             Some(JobEvent::Text { delta, tokens }) => {
                 s.state.metrics.generated_tokens.with_label_values(&[&model]).inc_by(tokens as u64);
-                if delta.is_empty() && !s.first {
+                // One chunk per generated token, even when the token completes no character yet
+                // (a multi-byte character split across tokens): clients see steady progress.
+                if delta.is_empty() && tokens == 0 && !s.first {
                     vec![]
                 } else {
                     let c = chunk(s.flavor, &s.id, &model, Some(&delta), s.first, None);
