@@ -1,5 +1,6 @@
 //! Autoregressive LLMs of the Llama / Qwen2 / Qwen3 family with a KV cache and position per
-//! sequence, so sequences join and leave a running batch at any step.
+//! sequence, so sequences join and leave a running batch at any step. The engine keeps K/V in a
+//! paged pool (`paged`) whose blocks the scheduler crate's block manager hands out.
 
 pub mod chat_template;
 pub mod config;

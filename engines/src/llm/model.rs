@@ -352,6 +352,9 @@ impl LlmModel {
     ///
     /// On error the caches' lengths are unchanged (a partly written step is simply overwritten
     /// by the next one).
+    ///
+    /// The serving engine uses [`LlmModel::forward_paged`]; this contiguous-cache path is the
+    /// reference the paged one is tested against bit for bit, and needs no pool for one-off use.
     pub fn forward(&self, batch: &mut [SeqChunk<'_>]) -> Result<BatchOutput, LlmError> {
         if batch.is_empty() {
             return Err(LlmError::Input("empty batch".into()));
