@@ -9,9 +9,8 @@
 //!
 //! Run: `cargo bench -p omnistage-benches --bench decode`
 
-use omnistage::app::{ServeOptions, Server};
+use omnistage_benches::serve_llm;
 use omnistage_engines::tiny::{TinyFamily, TinyLlmSpec};
-use omnistage_stages::deploy::DeployGraph;
 use serde_json::json;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -84,12 +83,6 @@ fn main() {
 
 async fn bench_model(model_dir: &Path) {
     let tokens = env_usize("OMNISTAGE_BENCH_TOKENS", 64);
-    let toml = format!(
-        "name = \"bench\"\n[[stage]]\nid = \"llm\"\nkind = \"llm\"\nmodel = \"{}\"\nmax_batch_size = 64\nmax_queue = 1024\n[outputs]\ntext = \"llm\"\n",
-        model_dir.display()
-    );
-    let graph = DeployGraph::from_toml_str(&toml, Path::new("bench.toml"), Path::new("."), &[])
-        .expect("graph");
     let weight_bytes: u64 = omnistage_engines::llm::weights::find_safetensors(model_dir)
         .map(|files| {
             files
@@ -99,15 +92,7 @@ async fn bench_model(model_dir: &Path) {
                 .sum()
         })
         .unwrap_or(0);
-    let options = ServeOptions {
-        addr: "127.0.0.1:0".parse().unwrap(),
-        request_timeout: Duration::from_secs(3600),
-    };
-    let server = Server::start(graph, options).await.expect("server");
-    server
-        .wait_ready(Duration::from_secs(600))
-        .await
-        .expect("ready");
+    let server = serve_llm(model_dir, "max_batch_size = 64\nmax_queue = 1024").await;
     let url = format!("http://{}/v1/chat/completions", server.addr);
     let client = reqwest::Client::new();
     // Warm-up.

@@ -12,9 +12,9 @@
 //! Run: `cargo bench -p omnistage-benches --bench llm_scheduling`
 
 use futures::StreamExt;
-use omnistage::app::{ServeOptions, Server};
+use omnistage::app::Server;
+use omnistage_benches::serve_llm;
 use omnistage_engines::tiny::{TinyFamily, TinyLlmSpec};
-use omnistage_stages::deploy::DeployGraph;
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -47,22 +47,7 @@ async fn stream_times(
 }
 
 async fn start(model: &Path, extra: &str) -> Server {
-    let toml = format!(
-        "name = \"bench\"\n[[stage]]\nid = \"llm\"\nkind = \"llm\"\nmodel = \"{}\"\nmax_batch_size = 32\n{extra}\n[outputs]\ntext = \"llm\"\n",
-        model.display()
-    );
-    let graph = DeployGraph::from_toml_str(&toml, Path::new("bench.toml"), Path::new("."), &[])
-        .expect("graph");
-    let options = ServeOptions {
-        addr: "127.0.0.1:0".parse().unwrap(),
-        request_timeout: Duration::from_secs(3600),
-    };
-    let server = Server::start(graph, options).await.expect("server");
-    server
-        .wait_ready(Duration::from_secs(600))
-        .await
-        .expect("ready");
-    server
+    serve_llm(model, &format!("max_batch_size = 32\n{extra}")).await
 }
 
 fn words(n: usize, salt: usize) -> String {
