@@ -363,7 +363,6 @@ impl StageEngine for LlmEngine {
             stops: StopMatcher::new(params.stop.clone()),
             stop_ids,
             max_tokens,
-            max_len: self.max_model_len,
         };
         self.next_arrival += 1;
         let pending = seq.pending_prefill();

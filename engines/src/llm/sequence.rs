@@ -21,9 +21,8 @@ pub(crate) struct Sequence {
     pub decoder: StreamDecoder,
     pub stops: StopMatcher,
     pub stop_ids: HashSet<u32>,
+    /// Completion tokens allowed; admission caps it so prompt + completion fit the model.
     pub max_tokens: usize,
-    /// Longest prompt + completion allowed for this sequence.
-    pub max_len: usize,
 }
 
 impl Sequence {
@@ -80,7 +79,7 @@ impl Sequence {
             }
             StopCheck::Continue(text) => push_text(out, text),
         }
-        if self.generated().len() >= self.max_tokens || self.tokens.len() >= self.max_len {
+        if self.generated().len() >= self.max_tokens {
             let tail = self
                 .decoder
                 .flush(tokenizer)
