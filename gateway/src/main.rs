@@ -47,6 +47,10 @@ enum Command {
         out: PathBuf,
         #[arg(long, default_value_t = 0)]
         seed: u64,
+        /// Instead of the tiny default set, write one ~100M-parameter benchmark LLM of this
+        /// family (llama, qwen2 or qwen3) into OUT.
+        #[arg(long, value_parser = ["llama", "qwen2", "qwen3"])]
+        bench_llm: Option<String>,
     },
 }
 
@@ -67,13 +71,11 @@ fn main() -> ExitCode {
             request_timeout,
         } => serve(deploy, host, port, request_timeout),
         Command::Check { file, no_models } => check(file, no_models),
-        Command::MakeTiny { out, seed } => omnistage_engines::tiny::make_tiny(&out, seed)
-            .map(|m| {
-                for f in m.files() {
-                    println!("{}", f.display());
-                }
-            })
-            .map_err(|e| e.to_string()),
+        Command::MakeTiny {
+            out,
+            seed,
+            bench_llm,
+        } => make_tiny(&out, seed, bench_llm.as_deref()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -82,6 +84,26 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn make_tiny(out: &std::path::Path, seed: u64, bench_llm: Option<&str>) -> Result<(), String> {
+    use omnistage_engines::tiny::{TinyFamily, TinyLlmSpec};
+    let Some(family) = bench_llm else {
+        let manifest = omnistage_engines::tiny::make_tiny(out, seed).map_err(|e| e.to_string())?;
+        for f in manifest.files() {
+            println!("{}", f.display());
+        }
+        return Ok(());
+    };
+    let family = match family {
+        "llama" => TinyFamily::Llama,
+        "qwen2" => TinyFamily::Qwen2,
+        _ => TinyFamily::Qwen3,
+    };
+    let spec = TinyLlmSpec::bench_100m(family);
+    omnistage_engines::tiny::write_tiny_llm(out, &spec, seed).map_err(|e| e.to_string())?;
+    println!("{}", out.display());
+    Ok(())
 }
 
 fn check(file: PathBuf, no_models: bool) -> Result<(), String> {
