@@ -133,7 +133,11 @@ fn main() {
         println!(
             "{b:>6} {:>12.2} {rate:>12.1} {:>13.0}%",
             per_step * 1e3,
-            if b == 1 { 100.0 * rate / floor } else { f64::NAN }
+            if b == 1 {
+                100.0 * rate / floor
+            } else {
+                f64::NAN
+            }
         );
     }
 }

@@ -8,5 +8,6 @@
 //! in a step; an engine only runs it).
 
 pub mod factory;
+pub mod kernels;
 pub mod llm;
 pub mod tiny;

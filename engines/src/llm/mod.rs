@@ -6,6 +6,7 @@ pub mod chat_template;
 pub mod config;
 pub mod engine;
 pub mod generation_config;
+mod linear;
 pub mod model;
 pub mod paged;
 pub mod sampling;

@@ -18,6 +18,8 @@ use std::path::Path;
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{Activation, Embedding, Linear, RmsNorm, VarBuilder};
 
+use super::linear::Proj;
+
 use super::config::LlmConfig;
 pub use super::config::LlmError;
 use super::weights::{classify_load_error, load_var_builder};
@@ -203,19 +205,19 @@ impl KvAccess for CacheKv<'_, '_> {
 
 #[derive(Debug)]
 struct Attention {
-    q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
-    o_proj: Linear,
+    q_proj: Proj,
+    k_proj: Proj,
+    v_proj: Proj,
+    o_proj: Proj,
     q_norm: Option<RmsNorm>,
     k_norm: Option<RmsNorm>,
 }
 
 #[derive(Debug)]
 struct Mlp {
-    gate_proj: Linear,
-    up_proj: Linear,
-    down_proj: Linear,
+    gate_proj: Proj,
+    up_proj: Proj,
+    down_proj: Proj,
     act: Activation,
 }
 
@@ -248,7 +250,7 @@ pub struct LlmModel {
     embed_tokens: Embedding,
     layers: Vec<Layer>,
     norm: RmsNorm,
-    lm_head: Linear,
+    lm_head: Proj,
     /// `[1, head_dim / 2]` f32 RoPE inverse frequencies.
     inv_freq: Tensor,
     device: Device,
@@ -281,22 +283,43 @@ impl LlmModel {
         for i in 0..cfg.num_hidden_layers {
             let vb_l = vb_m.pp("layers").pp(i);
             let vb_a = vb_l.pp("self_attn");
-            let qkv = |out, name| candle_nn::linear_b(h, out, cfg.qkv_bias, vb_a.pp(name));
+            let qkv =
+                |out, name| Proj::new(candle_nn::linear_b(h, out, cfg.qkv_bias, vb_a.pp(name))?);
             let norm = |name| candle_nn::rms_norm(d, cfg.rms_norm_eps, vb_a.pp(name));
             let attn = Attention {
                 q_proj: qkv(nq * d, "q_proj")?,
                 k_proj: qkv(nkv * d, "k_proj")?,
                 v_proj: qkv(nkv * d, "v_proj")?,
-                o_proj: candle_nn::linear_b(nq * d, h, cfg.o_bias, vb_a.pp("o_proj"))?,
+                o_proj: Proj::new(candle_nn::linear_b(
+                    nq * d,
+                    h,
+                    cfg.o_bias,
+                    vb_a.pp("o_proj"),
+                )?)?,
                 q_norm: cfg.qk_norm.then(|| norm("q_norm")).transpose()?,
                 k_norm: cfg.qk_norm.then(|| norm("k_norm")).transpose()?,
             };
             let vb_mlp = vb_l.pp("mlp");
             let i_sz = cfg.intermediate_size;
             let mlp = Mlp {
-                gate_proj: candle_nn::linear_b(h, i_sz, cfg.mlp_bias, vb_mlp.pp("gate_proj"))?,
-                up_proj: candle_nn::linear_b(h, i_sz, cfg.mlp_bias, vb_mlp.pp("up_proj"))?,
-                down_proj: candle_nn::linear_b(i_sz, h, cfg.mlp_bias, vb_mlp.pp("down_proj"))?,
+                gate_proj: Proj::new(candle_nn::linear_b(
+                    h,
+                    i_sz,
+                    cfg.mlp_bias,
+                    vb_mlp.pp("gate_proj"),
+                )?)?,
+                up_proj: Proj::new(candle_nn::linear_b(
+                    h,
+                    i_sz,
+                    cfg.mlp_bias,
+                    vb_mlp.pp("up_proj"),
+                )?)?,
+                down_proj: Proj::new(candle_nn::linear_b(
+                    i_sz,
+                    h,
+                    cfg.mlp_bias,
+                    vb_mlp.pp("down_proj"),
+                )?)?,
                 act: cfg.hidden_act,
             };
             let ln = |name| candle_nn::rms_norm(h, cfg.rms_norm_eps, vb_l.pp(name));
@@ -313,6 +336,7 @@ impl LlmModel {
         } else {
             candle_nn::linear_no_bias(h, cfg.vocab_size, vb.pp("lm_head"))?
         };
+        let lm_head = Proj::new(lm_head)?;
         let inv_freq = cfg.rope_inv_freq();
         let inv_freq = Tensor::from_vec(inv_freq, (1, d / 2), vb.device())?;
         Ok(Self {
