@@ -1,6 +1,6 @@
 //! OpenAI-compatible request and response shapes, and their translation into jobs.
 
-use omnistage_stages::{ChatMessage, Modality, SamplingParams};
+use omnistage_stages::{ChatMessage, Modality, Prompt, SamplingParams};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -67,6 +67,9 @@ pub struct SamplingFields {
     pub ignore_eos: Option<bool>,
     pub n: Option<i64>,
     pub logprobs: Option<Value>,
+    /// vLLM's extension: each choice (and each streamed chunk) also carries the generated
+    /// `token_ids`.
+    pub return_token_ids: Option<bool>,
 }
 
 impl SamplingFields {
@@ -291,12 +294,15 @@ pub fn parse_modalities(list: Option<&[String]>) -> Result<Vec<Modality>, BadReq
     Ok(out)
 }
 
-/// `prompt` of `/v1/completions`: a string or a one-element list.
+/// `prompt` of `/v1/completions`: a string, a list of token ids, or a one-element list of
+/// either.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(untagged)]
 pub enum PromptField {
     One(String),
     Many(Vec<String>),
+    Tokens(Vec<u32>),
+    ManyTokens(Vec<Vec<u32>>),
 }
 
 /// `POST /v1/completions`.
@@ -313,20 +319,31 @@ pub struct CompletionRequest {
 }
 
 impl CompletionRequest {
-    pub fn prompt_text(&self) -> Result<String, BadRequest> {
+    pub fn prompt(&self) -> Result<Prompt, BadRequest> {
         if self.echo == Some(true) {
             return Err(BadRequest::new("echo", "echo is not supported"));
         }
-        match &self.prompt {
-            PromptField::One(s) => Ok(s.clone()),
-            PromptField::Many(v) if v.len() == 1 => Ok(v[0].clone()),
-            PromptField::Many(v) => Err(BadRequest::new(
+        let many = |n: usize| {
+            BadRequest::new(
                 "prompt",
-                format!(
-                    "exactly one prompt per request is supported, got {}",
-                    v.len()
-                ),
-            )),
+                format!("exactly one prompt per request is supported, got {n}"),
+            )
+        };
+        match &self.prompt {
+            PromptField::One(s) => Ok(Prompt::Completion(s.clone())),
+            PromptField::Many(v) if v.len() == 1 => Ok(Prompt::Completion(v[0].clone())),
+            PromptField::Many(v) => Err(many(v.len())),
+            PromptField::Tokens(ids) if ids.is_empty() => {
+                Err(BadRequest::new("prompt", "the token list is empty"))
+            }
+            PromptField::Tokens(ids) => Ok(Prompt::Tokens(ids.clone())),
+            PromptField::ManyTokens(v) if v.len() == 1 && !v[0].is_empty() => {
+                Ok(Prompt::Tokens(v[0].clone()))
+            }
+            PromptField::ManyTokens(v) if v.len() == 1 => {
+                Err(BadRequest::new("prompt", "the token list is empty"))
+            }
+            PromptField::ManyTokens(v) => Err(many(v.len())),
         }
     }
 }

@@ -23,8 +23,9 @@ use tokio::sync::mpsc;
 /// What the client side of a job receives.
 #[derive(Debug, Clone, PartialEq)]
 pub enum JobEvent {
-    /// New text of the text output (already stop-string safe), with how many tokens produced it.
-    Text { delta: String, tokens: usize },
+    /// New text of the text output (already stop-string safe), with the token ids that produced
+    /// it.
+    Text { delta: String, token_ids: Vec<u32> },
     /// Every requested output is complete.
     Finished { reason: FinishReason, usage: Usage },
     /// The job failed; nothing more follows.
@@ -298,13 +299,13 @@ impl JobRun {
         match ev {
             StageEvent::Output(payloads) => {
                 let text_stage = self.plan.output_stage.get(&Modality::Text).copied();
-                let tokens = payloads
+                let token_ids: Vec<u32> = payloads
                     .iter()
-                    .map(|p| match p {
-                        Payload::Tokens(t) => t.len(),
-                        _ => 0,
+                    .flat_map(|p| match p {
+                        Payload::Tokens(t) => t.to_vec(),
+                        _ => Vec::new(),
                     })
-                    .sum();
+                    .collect();
                 let mut text = String::new();
                 for p in payloads {
                     for e in self
@@ -324,7 +325,7 @@ impl JobRun {
                         }
                     }
                 }
-                if text_stage == Some(s) && (!text.is_empty() || tokens > 0) {
+                if text_stage == Some(s) && (!text.is_empty() || !token_ids.is_empty()) {
                     if !self.first_output_seen && !text.is_empty() {
                         self.first_output_seen = true;
                         self.orch.observer.first_output(self.started.elapsed());
@@ -333,7 +334,7 @@ impl JobRun {
                     let _ = client
                         .send(JobEvent::Text {
                             delta: text,
-                            tokens,
+                            token_ids,
                         })
                         .await;
                 }

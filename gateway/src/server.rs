@@ -2,7 +2,8 @@
 
 use crate::metrics::Metrics;
 use crate::openai::{
-    ApiErrorBody, BadRequest, ChatCompletionRequest, CompletionRequest, UsageBody,
+    ApiErrorBody, BadRequest, ChatCompletionRequest, CompletionRequest, SamplingFields,
+    StreamOptions, UsageBody,
 };
 use crate::orchestrator::{JobError, JobEvent, JobStream, Orchestrator};
 use crate::runtime::RuntimeSlot;
@@ -222,12 +223,11 @@ async fn chat_completions(
         let job = state.start(Prompt::Chat(messages), sampling, outputs)?;
         Ok::<_, ApiError>((
             job,
-            req.stream,
-            req.stream_options.is_some_and(|o| o.include_usage),
+            ReplyOptions::new(req.stream, &req.stream_options, &req.sampling),
         ))
     })();
     match prepared {
-        Ok((job, stream, usage)) => respond(state, job, Flavor::Chat, stream, usage).await,
+        Ok((job, reply)) => respond(state, job, Flavor::Chat, reply).await,
         Err(e) => state.fail(e),
     }
 }
@@ -239,59 +239,85 @@ async fn completions(
     let prepared = (|| {
         let req: CompletionRequest = parse_body(body)?;
         state.check_model(req.model.as_deref())?;
-        let prompt = req.prompt_text().map_err(ApiError::bad)?;
+        let prompt = req.prompt().map_err(ApiError::bad)?;
         let mut sampling = req.sampling.to_params().map_err(ApiError::bad)?;
         // OpenAI's default for legacy completions.
         sampling.max_tokens = sampling.max_tokens.or(Some(16));
-        let job = state.start(Prompt::Completion(prompt), sampling, vec![Modality::Text])?;
+        let job = state.start(prompt, sampling, vec![Modality::Text])?;
         Ok::<_, ApiError>((
             job,
-            req.stream,
-            req.stream_options.is_some_and(|o| o.include_usage),
+            ReplyOptions::new(req.stream, &req.stream_options, &req.sampling),
         ))
     })();
     match prepared {
-        Ok((job, stream, usage)) => respond(state, job, Flavor::Text, stream, usage).await,
+        Ok((job, reply)) => respond(state, job, Flavor::Text, reply).await,
         Err(e) => state.fail(e),
     }
 }
 
-async fn respond(
-    state: AppState,
-    job: JobStream,
-    flavor: Flavor,
+/// How a job's answer is shaped, beyond its flavor.
+#[derive(Clone, Copy)]
+struct ReplyOptions {
+    /// Server-sent events instead of one JSON body.
     stream: bool,
+    /// A final streamed chunk with the usage.
     include_usage: bool,
-) -> Response {
+    /// Generated token ids in each choice (vLLM's `return_token_ids`).
+    token_ids: bool,
+}
+
+impl ReplyOptions {
+    fn new(stream: bool, options: &Option<StreamOptions>, fields: &SamplingFields) -> Self {
+        Self {
+            stream,
+            include_usage: options.as_ref().is_some_and(|o| o.include_usage),
+            token_ids: fields.return_token_ids == Some(true),
+        }
+    }
+}
+
+async fn respond(state: AppState, job: JobStream, flavor: Flavor, reply: ReplyOptions) -> Response {
     let id = match flavor {
         Flavor::Chat => format!("chatcmpl-{}", job.id.0),
         Flavor::Text => format!("cmpl-{}", job.id.0),
     };
-    if stream {
-        let events = sse_events(state, job, flavor, id, include_usage);
+    if reply.stream {
+        let events = sse_events(state, job, flavor, id, reply);
         Sse::new(events)
             .keep_alive(KeepAlive::default())
             .into_response()
     } else {
-        collect(state, job, flavor, id).await
+        collect(state, job, flavor, id, reply.token_ids).await
     }
 }
 
-async fn collect(state: AppState, mut job: JobStream, flavor: Flavor, id: String) -> Response {
+async fn collect(
+    state: AppState,
+    mut job: JobStream,
+    flavor: Flavor,
+    id: String,
+    want_ids: bool,
+) -> Response {
     let mut text = String::new();
+    let mut ids = Vec::new();
     let model = state.model_name.clone();
     loop {
         match job.next().await {
-            Some(JobEvent::Text { delta, tokens }) => {
+            Some(JobEvent::Text { delta, token_ids }) => {
                 state
                     .metrics
                     .generated_tokens
                     .with_label_values(&[&model])
-                    .inc_by(tokens as u64);
+                    .inc_by(token_ids.len() as u64);
                 text.push_str(&delta);
+                ids.extend(token_ids);
             }
             Some(JobEvent::Finished { reason, usage }) => {
-                return Json(final_body(&state, flavor, &id, text, reason, usage)).into_response();
+                let mut body = final_body(&state, flavor, &id, text, reason, usage);
+                if want_ids {
+                    body["choices"][0]["token_ids"] = json!(ids);
+                }
+                return Json(body).into_response();
             }
             Some(JobEvent::Failed(err)) => return state.fail(ApiError::from_job(&err)),
             None => {
@@ -374,7 +400,7 @@ struct SseState {
     job: JobStream,
     flavor: Flavor,
     id: String,
-    include_usage: bool,
+    reply: ReplyOptions,
     first: bool,
     done: bool,
 }
@@ -384,14 +410,14 @@ fn sse_events(
     job: JobStream,
     flavor: Flavor,
     id: String,
-    include_usage: bool,
+    reply: ReplyOptions,
 ) -> impl Stream<Item = Result<Event, Infallible>> {
     let s = SseState {
         state,
         job,
         flavor,
         id,
-        include_usage,
+        reply,
         first: true,
         done: false,
     };
@@ -401,14 +427,18 @@ fn sse_events(
         }
         let model = s.state.model_name.clone();
         let data: Vec<Value> = match s.job.next().await {
-            Some(JobEvent::Text { delta, tokens }) => {
+            Some(JobEvent::Text { delta, token_ids }) => {
+                let tokens = token_ids.len();
                 s.state.metrics.generated_tokens.with_label_values(&[&model]).inc_by(tokens as u64);
                 // One chunk per generated token, even when the token completes no character yet
                 // (a multi-byte character split across tokens): clients see steady progress.
                 if delta.is_empty() && tokens == 0 && !s.first {
                     vec![]
                 } else {
-                    let c = chunk(s.flavor, &s.id, &model, Some(&delta), s.first, None);
+                    let mut c = chunk(s.flavor, &s.id, &model, Some(&delta), s.first, None);
+                    if s.reply.token_ids {
+                        c["choices"][0]["token_ids"] = json!(token_ids);
+                    }
                     s.first = false;
                     vec![c]
                 }
@@ -416,7 +446,7 @@ fn sse_events(
             Some(JobEvent::Finished { reason, usage }) => {
                 s.done = true;
                 let mut out = vec![chunk(s.flavor, &s.id, &model, None, s.first, Some(reason))];
-                if s.include_usage {
+                if s.reply.include_usage {
                     out.push(json!({
                         "id": s.id, "object": if s.flavor == Flavor::Chat { "chat.completion.chunk" } else { "text_completion" },
                         "created": unix_now(), "model": model, "choices": [], "usage": UsageBody::from(usage),

@@ -201,3 +201,47 @@ async fn bad_requests_get_openai_shaped_errors() {
             >= 8.0
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_id_prompts_and_returned_token_ids() {
+    let s = start(&single_stage_toml("")).await;
+    // Generated ids come back with the completion when asked for.
+    let by_text = json!({"prompt": "Once upon a time", "max_tokens": 6, "temperature": 0, "ignore_eos": true, "return_token_ids": true});
+    let (status, a) = s.post("/v1/completions", by_text).await;
+    assert_eq!(status, 200, "{a}");
+    let ids: Vec<u64> = a["choices"][0]["token_ids"]
+        .as_array()
+        .expect("token_ids")
+        .iter()
+        .map(|v| v.as_u64().unwrap())
+        .collect();
+    assert_eq!(ids.len(), 6);
+    // A prompt of ids, bare or as a one-element list, is used as is.
+    let prompt_ids: Vec<u32> = vec![46, 110, 99, 101, 32, 117, 112, 111, 110];
+    let mut outs = Vec::new();
+    for prompt in [json!(prompt_ids), json!([prompt_ids])] {
+        let body = json!({"prompt": prompt, "max_tokens": 6, "temperature": 0, "ignore_eos": true, "return_token_ids": true});
+        let (status, b) = s.post("/v1/completions", body).await;
+        assert_eq!(status, 200, "{b}");
+        assert_eq!(b["usage"]["prompt_tokens"], prompt_ids.len());
+        outs.push(b["choices"][0]["token_ids"].clone());
+    }
+    assert_eq!(outs[0], outs[1]);
+    assert_eq!(outs[0].as_array().unwrap().len(), 6);
+    // Without the flag there are no ids.
+    let (_, c) = s
+        .post(
+            "/v1/completions",
+            json!({"prompt": [5, 6, 7], "max_tokens": 2}),
+        )
+        .await;
+    assert!(c["choices"][0].get("token_ids").is_none());
+    // An empty list or an id outside the vocabulary is a 400.
+    for bad in [json!([]), json!([[]]), json!([1, 2, 99_999_999])] {
+        let (status, body) = s
+            .post("/v1/completions", json!({"prompt": bad, "max_tokens": 2}))
+            .await;
+        assert_eq!(status, 400, "{bad}: {body}");
+        assert_eq!(body["error"]["type"], "invalid_request_error");
+    }
+}

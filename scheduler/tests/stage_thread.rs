@@ -94,6 +94,7 @@ impl StageEngine for TestEngine {
     fn admit(&mut self, job: JobId, input: StageInput) -> Result<usize, EngineError> {
         let prompt_len = match &input.request.prompt {
             Prompt::Completion(text) => text.len(),
+            Prompt::Tokens(ids) => ids.len(),
             Prompt::Chat(_) => 0,
         };
         if prompt_len == 0 {

@@ -55,6 +55,8 @@ pub enum Prompt {
     Chat(Vec<ChatMessage>),
     /// Raw text, tokenized as is (`/v1/completions`).
     Completion(String),
+    /// Token ids, used as is (`/v1/completions` with a list of integers as its prompt).
+    Tokens(Vec<u32>),
 }
 
 /// Per-request sampling settings. `None` means "the stage's default from the TOML, else the

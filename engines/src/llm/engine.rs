@@ -230,6 +230,13 @@ impl LlmEngine {
         match &input.request.prompt {
             Prompt::Chat(messages) => encode(&self.render_chat(messages)?, false),
             Prompt::Completion(text) => encode(text, true),
+            Prompt::Tokens(ids) => match ids.iter().find(|&&t| t as usize >= self.vocab_size()) {
+                Some(t) => Err(EngineError::InvalidInput(format!(
+                    "prompt token id {t} is outside the vocabulary of {} tokens",
+                    self.vocab_size()
+                ))),
+                None => Ok(ids.clone()),
+            },
         }
     }
 
