@@ -1,10 +1,11 @@
 //! How the LLM stage's scheduling shapes latency, on a ~100M-parameter Qwen3-layout checkpoint
 //! (made by make-tiny; or `OMNISTAGE_BENCH_MODEL=DIR`), over the real HTTP path:
 //!
-//! 1. **Chunked prefill.** Eight streams are decoding when a ~2k-token prompt arrives. Reported:
-//!    the running streams' largest gap between tokens while it is prefilled, and the long
-//!    request's time to first token — with a 256-token step budget (chunked) and with a budget
-//!    that swallows the prompt in one step (unchunked).
+//! 1. **Chunked prefill.** Eight streams are decoding when a 2048-token prompt arrives, and a
+//!    short request right after it. Reported for step token budgets from one that swallows the
+//!    prompt in one step (unchunked) down to 32: the running streams' mean gap between tokens
+//!    before the long prompt arrived and while it is prefilled, the short request's time to
+//!    first token alone and behind the long prompt, and the long prompt's own TTFT.
 //! 2. **Prefix caching.** Sixteen requests share a ~1k-token system prompt, sent one after another.
 //!    Reported: prefix-cache hit rate (from `/metrics`) and mean time to first token, with prefix
 //!    caching on and off.
@@ -19,15 +20,15 @@ use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-/// Token arrival times of one streamed completion, from the moment it was sent.
+/// Token arrival times of one streamed completion, measured from `epoch`.
 async fn stream_times(
     client: &reqwest::Client,
     url: &str,
-    prompt: String,
+    prompt: Value,
     max_tokens: usize,
+    epoch: Instant,
 ) -> Vec<Duration> {
     let body = json!({"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": true, "stream": true});
-    let start = Instant::now();
     let resp = client.post(url).json(&body).send().await.expect("send");
     let mut stream = resp.bytes_stream();
     let mut times = Vec::new();
@@ -38,7 +39,7 @@ async fn stream_times(
             let event: String = buf.drain(..end + 2).collect();
             if let Some(data) = event.trim().strip_prefix("data: ") {
                 if data != "[DONE]" {
-                    times.push(start.elapsed());
+                    times.push(epoch.elapsed());
                 }
             }
         }
@@ -56,48 +57,81 @@ fn words(n: usize, salt: usize) -> String {
         .collect()
 }
 
-async fn chunked_prefill(model: &Path, budget: usize) -> (Duration, Duration, usize) {
+/// A prompt of exactly `n` ordinary token ids (distinct per `salt`).
+fn token_prompt(n: usize, salt: usize) -> Value {
+    json!((0..n)
+        .map(|i| ((i * 7919 + salt * 104_729) % 480) as u32)
+        .collect::<Vec<_>>())
+}
+
+/// What one run of the long-prompt scenario measured.
+struct Interference {
+    /// Running streams' mean gap between tokens before the long prompt arrived...
+    gap_before: Duration,
+    /// ...and while it was being prefilled (arrival to its first token).
+    gap_during: Duration,
+    /// Time to first token of a short request sent alone, and of one sent while the long prompt
+    /// is being prefilled.
+    short_ttft_alone: Duration,
+    short_ttft_during: Duration,
+    long_ttft: Duration,
+}
+
+fn mean(d: &[Duration]) -> Duration {
+    d.iter().sum::<Duration>() / d.len().max(1) as u32
+}
+
+/// Eight streams decode; a `LONG_PROMPT`-token prompt arrives; shortly after, a short request
+/// arrives too.
+async fn chunked_prefill(model: &Path, budget: usize) -> Interference {
     let server = start(model, &format!("max_batched_tokens = {budget}")).await;
     let client = reqwest::Client::new();
     let url = format!("http://{}/v1/completions", server.addr);
+    let epoch = Instant::now();
+    let short_alone = stream_times(&client, &url, token_prompt(32, 500), 1, epoch).await[0];
     let mut streams = Vec::new();
     for i in 0..8 {
         let (client, url) = (client.clone(), url.clone());
         streams.push(tokio::spawn(async move {
-            stream_times(&client, &url, words(16, i), 96).await
+            stream_times(&client, &url, token_prompt(16, i), 160, epoch).await
         }));
     }
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    let long_prompt = words(1000, 99);
-    let long = stream_times(&client, &url, long_prompt, 4).await;
-    let long_ttft = long.first().copied().unwrap_or_default();
-    let mut worst_gap = Duration::ZERO;
-    for s in streams {
-        let times = s.await.expect("stream");
-        worst_gap = worst_gap.max(
-            times
-                .windows(2)
-                .map(|w| w[1] - w[0])
-                .max()
-                .unwrap_or_default(),
-        );
-    }
-    let prompt_tokens = {
-        let body = json!({"prompt": words(1000, 99), "max_tokens": 1, "ignore_eos": true});
-        let r: Value = client
-            .post(&url)
-            .json(&body)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        r["usage"]["prompt_tokens"].as_u64().unwrap_or(0) as usize
+    tokio::time::sleep(Duration::from_millis(3000)).await;
+    let arrival = epoch.elapsed();
+    let long = {
+        let (client, url) = (client.clone(), url.clone());
+        tokio::spawn(async move {
+            stream_times(&client, &url, token_prompt(LONG_PROMPT, 99), 1, epoch).await
+        })
     };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let short_sent = epoch.elapsed();
+    let short = stream_times(&client, &url, token_prompt(32, 501), 1, epoch).await[0];
+    let long_first = long.await.expect("long")[0];
+    let (mut before, mut during) = (Vec::new(), Vec::new());
+    for s in streams {
+        for w in s.await.expect("stream").windows(2) {
+            let gap = w[1] - w[0];
+            // Skip the streams' own prefill: gaps from one second in.
+            if w[1] < arrival && w[0] > Duration::from_secs(1) {
+                before.push(gap);
+            } else if w[0] >= arrival && w[1] <= long_first {
+                during.push(gap);
+            }
+        }
+    }
     server.abort();
-    (worst_gap, long_ttft, prompt_tokens)
+    Interference {
+        gap_before: mean(&before),
+        gap_during: mean(&during),
+        short_ttft_alone: short_alone,
+        short_ttft_during: short - short_sent,
+        long_ttft: long_first - arrival,
+    }
 }
+
+/// Tokens of the long prompt of scenario 1.
+const LONG_PROMPT: usize = 2048;
 
 async fn prefix_cache(model: &Path, on: bool) -> (f64, Duration) {
     let server = start(model, &format!("prefix_caching = {on}")).await;
@@ -166,30 +200,37 @@ fn main() {
         .expect("runtime");
     rt.block_on(async {
         println!("model: {}", model.display());
-        println!("\n1. a long prompt arrives while 8 streams decode");
+        println!("\n1. a {LONG_PROMPT}-token prompt arrives while 8 streams decode");
         println!(
-            "{:>28} {:>22} {:>20}",
-            "step token budget", "worst gap in streams", "long prompt TTFT"
+            "{:>18} {:>24} {:>26} {:>17}",
+            "step token budget",
+            "streams' token gap",
+            "short request TTFT",
+            "long prompt TTFT"
         );
-        let mut rows = Vec::new();
-        for budget in [256usize, 4096] {
-            let (gap, ttft, prompt_tokens) = chunked_prefill(&model, budget).await;
-            let label = if budget >= prompt_tokens {
+        println!(
+            "{:>18} {:>24} {:>26}",
+            "", "before -> during (x)", "alone -> during (x)"
+        );
+        for budget in [4096usize, 256, 64, 32] {
+            let r = chunked_prefill(&model, budget).await;
+            let ms = |d: Duration| d.as_secs_f64() * 1e3;
+            let label = if budget >= LONG_PROMPT {
                 format!("{budget} (unchunked)")
             } else {
-                format!("{budget} (chunked)")
+                budget.to_string()
             };
             println!(
-                "{label:>28} {:>20.0}ms {:>18.0}ms   (prompt: {prompt_tokens} tokens)",
-                gap.as_secs_f64() * 1e3,
-                ttft.as_secs_f64() * 1e3
+                "{label:>18} {:>7.0} -> {:>5.0}ms ({:>4.2}x) {:>8.0} -> {:>5.0}ms ({:>5.2}x) {:>15.0}ms",
+                ms(r.gap_before),
+                ms(r.gap_during),
+                ms(r.gap_during) / ms(r.gap_before).max(1e-9),
+                ms(r.short_ttft_alone),
+                ms(r.short_ttft_during),
+                ms(r.short_ttft_during) / ms(r.short_ttft_alone).max(1e-9),
+                ms(r.long_ttft)
             );
-            rows.push(gap);
         }
-        println!(
-            "   chunked / unchunked worst gap: {:.2}x",
-            rows[0].as_secs_f64() / rows[1].as_secs_f64().max(1e-9)
-        );
         println!("\n2. sixteen requests share a ~1k-token system prompt");
         println!(
             "{:>16} {:>10} {:>12}",
