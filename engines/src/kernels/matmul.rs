@@ -7,11 +7,11 @@
 //! copy; candle's matmul takes the same layout for prefill-sized inputs), and reads it in place:
 //! a column panel of `NR = 2 × SIMD lanes` outputs is two vectors per reduction step.
 //!
-//! The micro-kernel computes up to [`MR`] = 6 rows × one panel: per reduction step it loads the
+//! The micro-kernel computes up to `MR` = 6 rows × one panel: per reduction step it loads the
 //! panel's two vectors, broadcasts one `x` value per row and issues 12 fused multiply-adds into
 //! register accumulators (the shape that keeps an AVX2 core's FMA units busy). `x` is packed per
 //! row block into row-interleaved tiles so the broadcasts stream; the reduction is split in
-//! blocks of [`KC`] so a panel block stays in L1 while the row tiles pass over it. Panels are
+//! blocks of `KC` so a panel block stays in L1 while the row tiles pass over it. Panels are
 //! split over rayon tasks, each writing its own column block, copied into `y` at the end (the
 //! copy is `rows × out` floats, small next to `rows × out × in` multiply-adds).
 //!

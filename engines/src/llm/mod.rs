@@ -9,6 +9,7 @@ pub mod generation_config;
 mod linear;
 pub mod model;
 pub mod paged;
+mod paged_ops;
 pub mod sampling;
 mod sequence;
 pub mod stop;

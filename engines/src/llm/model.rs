@@ -183,6 +183,22 @@ pub(crate) trait KvAccess {
         k: &Tensor,
         v: &Tensor,
     ) -> candle_core::Result<(Tensor, Tensor)>;
+
+    /// Where the backend has a fused kernel: stores layer `layer`'s new keys and values of every
+    /// sequence and returns the whole batch's attention output `[T, nq, d]` for the queries `q`
+    /// (`[T, nq, d]`; `k`, `v` `[T, kv_heads, d]`; all contiguous, sequences in batch order).
+    /// `None` when there is none; the caller then goes sequence by sequence through
+    /// [`KvAccess::store_and_load`].
+    fn attend_all(
+        &mut self,
+        _layer: usize,
+        _q: &Tensor,
+        _k: &Tensor,
+        _v: &Tensor,
+        _scale: f32,
+    ) -> Option<candle_core::Result<Tensor>> {
+        None
+    }
 }
 
 /// [`KvAccess`] over the per-sequence caches of a [`LlmModel::forward`] batch.
@@ -539,6 +555,9 @@ impl LlmModel {
         let q = candle_nn::rotary_emb::rope_thd(&q.contiguous()?, cos, sin)?.squeeze(0)?;
         let k = candle_nn::rotary_emb::rope_thd(&k.contiguous()?, cos, sin)?.squeeze(0)?;
         let scale = 1f64 / (d as f64).sqrt();
+        if let Some(out) = kv.attend_all(li, &q, &k, &v, scale as f32) {
+            return attn.o_proj.forward(&out?.reshape((total, nq * d))?);
+        }
 
         let mut outs = Vec::with_capacity(spans.len());
         for (si, (s, mask)) in spans.iter().zip(masks).enumerate() {

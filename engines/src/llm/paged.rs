@@ -7,9 +7,11 @@
 //! manager); here block ids are plain `u32`. Full blocks of a shared prefix may appear in several
 //! tables, read-only.
 //!
-//! [`LlmModel::forward_paged`] runs the same forward as [`LlmModel::forward`]: the new tokens'
-//! keys and values are written in place into their slots (one copy per run of consecutive
-//! slots), and each sequence's attention reads positions `0..past + n` by gathering its slots
+//! [`LlmModel::forward_paged`] runs the same forward as [`LlmModel::forward`]. On the CPU in f32
+//! each layer writes the step's new keys and values into their slots in place and runs one
+//! attention kernel for the whole batch, reading every sequence's positions straight from the
+//! pool ([`crate::kernels::attention`]). Elsewhere the new rows are written with `slice_set`
+//! (one copy per run of consecutive slots) and each sequence's attention gathers its slots
 //! (`index_select`) into a contiguous `[past + n, kv_heads, head_dim]` tensor.
 
 use std::collections::{HashMap, HashSet};
@@ -18,6 +20,8 @@ use candle_core::{DType, Device, Tensor};
 
 use super::config::{LlmConfig, LlmError};
 use super::model::{BatchOutput, KvAccess, LlmModel, SeqInput};
+use super::paged_ops::{PoolAttention, WriteSlots};
+use crate::kernels::attention::{AttnSeq, AttnShape};
 
 /// Per-layer K and V pools for one stage: `[num_blocks * block_size, kv_heads, head_dim]` each
 /// (one row per token slot), in the model dtype, on the model device.
@@ -140,14 +144,25 @@ pub struct PagedChunk<'a> {
 struct SeqPlan {
     /// `(row in the chunk, first slot, rows)` per run of consecutive slots to write.
     writes: Vec<(usize, usize, usize)>,
-    /// `[past + n]` u32 slots of positions `0..past + n`, on the pool device.
-    gather: Tensor,
+    /// Slots of positions `0..past + n`.
+    slots: Vec<u32>,
+    /// Positions already cached and new tokens.
+    past: usize,
+    n: usize,
 }
 
-/// [`KvAccess`] over a pool: writes each run of new rows in place, gathers the context.
+/// [`KvAccess`] over a pool: the fused CPU kernel, or per sequence: writes each run of new
+/// rows in place and gathers the context.
 struct PagedKv<'p> {
     pool: &'p PagedKvPool,
     plans: Vec<SeqPlan>,
+}
+
+impl PagedKv<'_> {
+    /// Whether the fused CPU kernels apply (f32 pool on the CPU).
+    fn fused(&self) -> bool {
+        self.pool.device.is_cpu() && self.pool.dtype == DType::F32
+    }
 }
 
 impl KvAccess for PagedKv<'_> {
@@ -161,6 +176,7 @@ impl KvAccess for PagedKv<'_> {
     ) -> candle_core::Result<(Tensor, Tensor)> {
         let (pk, pv) = &self.pool.layers[layer];
         let plan = &self.plans[seq];
+        let gather = Tensor::new(plan.slots.as_slice(), &self.pool.device)?;
         for &(row, slot, len) in &plan.writes {
             // slice_set copies into the pool's own storage (checked contiguous, no realloc).
             pk.slice_set(&k.narrow(0, row, len)?.contiguous()?, 0, slot)?;
@@ -169,7 +185,7 @@ impl KvAccess for PagedKv<'_> {
         // [len, kv_heads, d] -> [kv_heads, len, d]. The CPU matmul takes the strided view as
         // is; cuBLAS needs unit-stride rows of length d, so copy there.
         let load = |pool: &Tensor| -> candle_core::Result<Tensor> {
-            let t = pool.index_select(&plan.gather, 0)?.transpose(0, 1)?;
+            let t = pool.index_select(&gather, 0)?.transpose(0, 1)?;
             if self.pool.device.is_cpu() {
                 Ok(t)
             } else {
@@ -177,6 +193,55 @@ impl KvAccess for PagedKv<'_> {
             }
         };
         Ok((load(pk)?, load(pv)?))
+    }
+
+    fn attend_all(
+        &mut self,
+        layer: usize,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        scale: f32,
+    ) -> Option<candle_core::Result<Tensor>> {
+        if !self.fused() {
+            return None;
+        }
+        let (pk, pv) = &self.pool.layers[layer];
+        let new_slots: Vec<u32> = self
+            .plans
+            .iter()
+            .flat_map(|p| p.slots[p.past..].iter().copied())
+            .collect();
+        let mut q_offset = 0;
+        let seqs = self
+            .plans
+            .iter()
+            .map(|p| {
+                let s = AttnSeq {
+                    q_offset,
+                    n: p.n,
+                    past: p.past,
+                    slots: &p.slots,
+                };
+                q_offset += p.n;
+                s
+            })
+            .collect();
+        let op = PoolAttention {
+            shape: AttnShape {
+                nq: q.dim(1).ok()?,
+                nkv: self.pool.kv_heads,
+                head_dim: self.pool.head_dim,
+                scale,
+            },
+            seqs,
+        };
+        let write = WriteSlots { slots: &new_slots };
+        Some(
+            pk.inplace_op2(k, &write)
+                .and_then(|()| pv.inplace_op2(v, &write))
+                .and_then(|()| q.apply_op3_no_bwd(pk, pv, &op)),
+        )
     }
 }
 
@@ -256,9 +321,13 @@ fn plan(pool: &PagedKvPool, batch: &[PagedChunk<'_>]) -> Result<Vec<SeqPlan>, Ll
                     _ => writes.push((p - c.past, s, 1)),
                 }
             }
-            let gather: Vec<u32> = (0..end).map(|p| slot(p) as u32).collect();
-            let gather = Tensor::from_vec(gather, end, &pool.device)?;
-            Ok(SeqPlan { writes, gather })
+            let slots: Vec<u32> = (0..end).map(|p| slot(p) as u32).collect();
+            Ok(SeqPlan {
+                writes,
+                slots,
+                past: c.past,
+                n: c.tokens.len(),
+            })
         })
         .collect()
 }
