@@ -48,6 +48,13 @@ Run::
     /work/hf-venv/bin/python benches/hf_baseline.py \\
         --workload W.json --out R.json [--max-batch 32] [--threads 2]
 
+Raw batched decode instead (one ``generate`` call per batch size, ``--new-tokens`` per row,
+prefill included; ``cargo bench -p omnistage-benches --bench decode`` runs it next to its own
+levels)::
+
+    /work/hf-venv/bin/python benches/hf_baseline.py --raw-decode 1,8,32 \\
+        --model DIR --out R.json [--prompt-len 24] [--new-tokens 64]
+
 The Rust bench (``cargo bench -p omnistage-benches --bench realistic``)
 writes the workload, runs this script on it side by side with omnistage,
 and compares the two results (throughput, JCT, and the greedy output ids).
@@ -61,15 +68,27 @@ import time
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--workload", required=True, help="workload JSON (input)")
+    p.add_argument("--workload", help="workload JSON (input; not with --raw-decode)")
     p.add_argument("--out", required=True, help="result JSON (output)")
+    p.add_argument("--raw-decode", default=None, metavar="B1,B2,..",
+                   help="instead of a workload: time one generate call per batch size "
+                        "(needs --model)")
+    p.add_argument("--prompt-len", type=int, default=24,
+                   help="--raw-decode: prompt tokens per row (default 24)")
+    p.add_argument("--new-tokens", type=int, default=64,
+                   help="--raw-decode: tokens generated per row (default 64)")
     p.add_argument("--max-batch", type=int, default=32,
                    help="most requests in one generate call (default 32)")
     p.add_argument("--threads", type=int, default=2,
                    help="torch intra-op threads (default 2)")
     p.add_argument("--model", default=None,
                    help="checkpoint directory; defaults to the workload's \"model\"")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.raw_decode is None and args.workload is None:
+        p.error("--workload is required (or --raw-decode with --model)")
+    if args.raw_decode is not None and args.model is None:
+        p.error("--raw-decode needs --model")
+    return args
 
 
 def pick_pad_id(model_dir, model):
@@ -189,8 +208,34 @@ def serve(gen, requests, max_batch, log=print):
     return results, batch_sizes
 
 
+def raw_decode(args):
+    """Greedy generation of --new-tokens tokens for a batch of --prompt-len-token prompts, one
+    generate call per batch size: the raw batched decode rate, prefill included."""
+    import random
+
+    gen = Generator(args.model, args.threads)
+    vocab = int(gen.model.config.vocab_size)
+    rng = random.Random(0)
+    gen.generate([[1] * 8, [2] * 4], [4, 4])  # warm-up
+    rows = []
+    for b in (int(x) for x in args.raw_decode.split(",") if x.strip()):
+        prompts = [[rng.randrange(vocab - 16) for _ in range(args.prompt_len)] for _ in range(b)]
+        t = time.perf_counter()
+        gen.generate(prompts, [args.new_tokens] * b)
+        secs = time.perf_counter() - t
+        rate = b * args.new_tokens / secs
+        rows.append({"batch": b, "seconds": secs, "tokens_per_s": rate})
+        print(f"hf_baseline raw decode: batch {b}: {b * args.new_tokens} tokens in {secs:.2f}s "
+              f"= {rate:.1f} tok/s", flush=True)
+    with open(args.out, "w") as f:
+        json.dump({"engine": gen.engine, "threads": args.threads, "prompt_len": args.prompt_len,
+                   "new_tokens": args.new_tokens, "batches": rows}, f)
+
+
 def main(argv=None):
     args = parse_args(argv)
+    if args.raw_decode is not None:
+        return raw_decode(args)
     with open(args.workload) as f:
         wl = json.load(f)
     model_dir = args.model or wl["model"]
