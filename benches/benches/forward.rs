@@ -130,14 +130,14 @@ fn main() {
         }
         let per_step = elapsed / steps as f64;
         let rate = b as f64 / per_step;
+        let vs_floor = if b == 1 {
+            format!("{:.0}%", 100.0 * rate / floor)
+        } else {
+            "-".into()
+        };
         println!(
-            "{b:>6} {:>12.2} {rate:>12.1} {:>13.0}%",
-            per_step * 1e3,
-            if b == 1 {
-                100.0 * rate / floor
-            } else {
-                f64::NAN
-            }
+            "{b:>6} {:>12.2} {rate:>12.1} {vs_floor:>14}",
+            per_step * 1e3
         );
     }
 }

@@ -3,7 +3,7 @@
 //!
 //! 1. **Chunked prefill.** Eight streams are decoding when a 2048-token prompt arrives, and a
 //!    short request right after it. Reported for step token budgets from one that swallows the
-//!    prompt in one step (unchunked) down to 32: the running streams' mean gap between tokens
+//!    prompt in one step (unchunked) down to 16 (or `OMNISTAGE_BENCH_BUDGETS`, comma-separated): the running streams' mean gap between tokens
 //!    before the long prompt arrived and while it is prefilled, the short request's time to
 //!    first token alone and behind the long prompt, and the long prompt's own TTFT.
 //! 2. **Prefix caching.** Sixteen requests share a ~1k-token system prompt, sent one after another.
@@ -212,7 +212,11 @@ fn main() {
             "{:>18} {:>24} {:>26}",
             "", "before -> during (x)", "alone -> during (x)"
         );
-        for budget in [4096usize, 256, 64, 32] {
+        let budgets: Vec<usize> = std::env::var("OMNISTAGE_BENCH_BUDGETS")
+            .ok()
+            .map(|v| v.split(',').filter_map(|b| b.trim().parse().ok()).collect())
+            .unwrap_or_else(|| vec![4096, 256, 64, 32, 16]);
+        for budget in budgets {
             let r = chunked_prefill(&model, budget).await;
             let ms = |d: Duration| d.as_secs_f64() * 1e3;
             let label = if budget >= LONG_PROMPT {
