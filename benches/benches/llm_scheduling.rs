@@ -3,7 +3,7 @@
 //!
 //! 1. **Chunked prefill.** Eight streams are decoding when a 2048-token prompt arrives, and a
 //!    short request right after it. Reported for step token budgets from one that swallows the
-//!    prompt in one step (unchunked) down to 16 (or `OMNISTAGE_BENCH_BUDGETS`, comma-separated): the running streams' mean gap between tokens
+//!    prompt in one step (unchunked) down to 12 (or `OMNISTAGE_BENCH_BUDGETS`, comma-separated): the running streams' mean gap between tokens
 //!    before the long prompt arrived and while it is prefilled, the short request's time to
 //!    first token alone and behind the long prompt, and the long prompt's own TTFT.
 //! 2. **Prefix caching.** Sixteen requests share a ~1k-token system prompt, sent one after another.
@@ -84,7 +84,10 @@ fn mean(d: &[Duration]) -> Duration {
 /// Eight streams decode; a `LONG_PROMPT`-token prompt arrives; shortly after, a short request
 /// arrives too.
 async fn chunked_prefill(model: &Path, budget: usize) -> Interference {
-    let server = start(model, &format!("max_batched_tokens = {budget}")).await;
+    // Room for the 8 streams, the long prompt and the short request; the budget may go down
+    // to that many tokens (every running job needs one per step).
+    let settings = format!("max_batch_size = 12\nmax_batched_tokens = {budget}");
+    let server = serve_llm(model, &settings).await;
     let client = reqwest::Client::new();
     let url = format!("http://{}/v1/completions", server.addr);
     let epoch = Instant::now();
@@ -180,6 +183,13 @@ async fn prefix_cache(model: &Path, on: bool) -> (f64, Duration) {
 }
 
 fn main() {
+    // `RUST_LOG=omnistage_scheduler=trace` shows every step's jobs, tokens and time.
+    if let Ok(filter) = tracing_subscriber::EnvFilter::try_from_default_env() {
+        tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .init();
+    }
     let models = tempfile::tempdir().expect("temp dir");
     let model: PathBuf = match std::env::var_os("OMNISTAGE_BENCH_MODEL") {
         Some(dir) => PathBuf::from(dir),
@@ -215,7 +225,7 @@ fn main() {
         let budgets: Vec<usize> = std::env::var("OMNISTAGE_BENCH_BUDGETS")
             .ok()
             .map(|v| v.split(',').filter_map(|b| b.trim().parse().ok()).collect())
-            .unwrap_or_else(|| vec![4096, 256, 64, 32, 16]);
+            .unwrap_or_else(|| vec![4096, 256, 64, 32, 12]);
         for budget in budgets {
             let r = chunked_prefill(&model, budget).await;
             let ms = |d: Duration| d.as_secs_f64() * 1e3;

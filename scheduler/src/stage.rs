@@ -404,6 +404,13 @@ impl<E: StageEngine> Worker<E> {
                 .step(&work, &mut |job, event| events.push((job, event)))
         }));
         let elapsed = started.elapsed();
+        tracing::trace!(
+            stage = %self.shared.name,
+            jobs = work.len(),
+            tokens,
+            ms = elapsed.as_secs_f64() * 1e3,
+            "step"
+        );
 
         let failure = match outcome {
             Ok(Ok(())) => None,

@@ -521,3 +521,24 @@ fn malformed_shapes_do_not_panic() {
         assert!(e.to_string().starts_with(FILE), "{e}");
     }
 }
+
+#[test]
+fn step_budget_below_batch_size() {
+    let text = omni_with(
+        "model = \"m/snac\"\n",
+        "model = \"m/snac\"\nmax_batch_size = 32\nmax_batched_tokens = 16\n",
+    );
+    refused(
+        &text,
+        &[
+            "stage `code2wav`",
+            "field `max_batched_tokens`",
+            "less than max_batch_size (32)",
+        ],
+    );
+    let ok = omni_with(
+        "model = \"m/snac\"\n",
+        "model = \"m/snac\"\nmax_batch_size = 8\nmax_batched_tokens = 8\n",
+    );
+    parse(&ok).expect("a budget equal to the batch size is valid");
+}

@@ -308,6 +308,21 @@ fn stage(n: usize, value: &Value, file: &str, base_dir: &Path) -> Result<StageSp
         Some(m) => sampling(&m, file, &site)?,
         None => SamplingParams::default(),
     };
+    let (batch, tokens) = (
+        r.max_batch_size.unwrap_or(32),
+        r.max_batched_tokens.unwrap_or(2048),
+    );
+    if tokens >= 1 && tokens < batch {
+        return Err(bad(
+            file,
+            &site,
+            "max_batched_tokens",
+            &format!(
+                "{tokens} is less than max_batch_size ({batch}): every running request needs a \
+                 token of the step budget; raise it or lower max_batch_size"
+            ),
+        ));
+    }
     Ok(StageSpec {
         kind,
         model,
