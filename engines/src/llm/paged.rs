@@ -146,6 +146,8 @@ struct SeqPlan {
     writes: Vec<(usize, usize, usize)>,
     /// Slots of positions `0..past + n`.
     slots: Vec<u32>,
+    /// `slots` as a tensor on the pool device, made by the first layer that gathers.
+    gather: Option<Tensor>,
     /// Positions already cached and new tokens.
     past: usize,
     n: usize,
@@ -175,8 +177,15 @@ impl KvAccess for PagedKv<'_> {
         v: &Tensor,
     ) -> candle_core::Result<(Tensor, Tensor)> {
         let (pk, pv) = &self.pool.layers[layer];
-        let plan = &self.plans[seq];
-        let gather = Tensor::new(plan.slots.as_slice(), &self.pool.device)?;
+        let plan = &mut self.plans[seq];
+        let gather = match &plan.gather {
+            Some(g) => g.clone(),
+            None => {
+                let g = Tensor::new(plan.slots.as_slice(), &self.pool.device)?;
+                plan.gather = Some(g.clone());
+                g
+            }
+        };
         for &(row, slot, len) in &plan.writes {
             // slice_set copies into the pool's own storage (checked contiguous, no realloc).
             pk.slice_set(&k.narrow(0, row, len)?.contiguous()?, 0, slot)?;
@@ -325,6 +334,7 @@ fn plan(pool: &PagedKvPool, batch: &[PagedChunk<'_>]) -> Result<Vec<SeqPlan>, Ll
             Ok(SeqPlan {
                 writes,
                 slots,
+                gather: None,
                 past: c.past,
                 n: c.tokens.len(),
             })
