@@ -59,7 +59,12 @@ pub async fn start_with_timeout(toml: &str, request_timeout: Duration) -> TestSe
     TestServer {
         server,
         base,
-        client: reqwest::Client::new(),
+        // No pooled connections: a server may close one after an error answer (a 413 for an
+        // oversized body), and a request reusing it would fail with an incomplete message.
+        client: reqwest::Client::builder()
+            .pool_max_idle_per_host(0)
+            .build()
+            .expect("http client"),
         _models: models,
     }
 }
