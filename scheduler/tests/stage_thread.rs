@@ -223,6 +223,7 @@ fn input(prompt_len: usize, max_tokens: usize) -> StageInput {
             },
             outputs: vec![Modality::Text],
             deadline: Instant::now() + Duration::from_secs(3600),
+            image: None,
         }),
         upstream: Vec::new(),
         client_facing: true,

@@ -103,6 +103,26 @@ impl SamplingParams {
     }
 }
 
+/// What a text-to-image request asks for, resolved against the stage's defaults and checked
+/// against its limits by the gateway (the dit stage checks again).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ImageParams {
+    pub width: usize,
+    pub height: usize,
+    /// Images to generate from the prompt.
+    pub n: usize,
+    pub steps: usize,
+    /// Classifier-free guidance scale (distilled guidance for FLUX-dev); `<= 1` means no
+    /// classifier-free guidance.
+    pub guidance_scale: f64,
+    /// Text to steer away from (the unconditional branch of classifier-free guidance).
+    pub negative_prompt: Option<String>,
+    /// Seed of the initial noise; image `i` uses noise stream `(seed, i)`.
+    pub seed: u64,
+    /// Reuse block-stack residuals between similar steps (TeaCache-style).
+    pub step_cache: bool,
+}
+
 /// Everything a request asks for; shared read-only (`Arc`) by every stage it visits.
 #[derive(Debug, Clone)]
 pub struct JobRequest {
@@ -111,6 +131,8 @@ pub struct JobRequest {
     pub sampling: SamplingParams,
     pub outputs: Vec<Modality>,
     pub deadline: Instant,
+    /// Image generation settings; `None` for requests without an image output.
+    pub image: Option<ImageParams>,
 }
 
 /// What a stage receives for one job: the request plus whatever its inbound edges delivered.

@@ -14,7 +14,9 @@ pub mod payload;
 
 pub use engine::{EngineError, EngineStats, StageEngine, StageEvent, StepWork};
 pub use job::{
-    ChatMessage, FinishReason, JobId, JobRequest, Modality, Prompt, SamplingParams, StageInput,
-    Usage,
+    ChatMessage, FinishReason, ImageParams, JobId, JobRequest, Modality, Prompt, SamplingParams,
+    StageInput, Usage,
 };
-pub use payload::{HiddenStates, Payload, PayloadKind};
+pub use payload::{
+    Conditioning, HiddenStates, Latents, Payload, PayloadKind, RgbImages, TextEmbedding,
+};

@@ -93,12 +93,59 @@ impl HiddenStates {
     }
 }
 
+/// A text encoder's output for one prompt: one row per token, plus a pooled vector (empty for
+/// encoders without one).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TextEmbedding {
+    pub tokens: HiddenStates,
+    pub pooled: Arc<[f32]>,
+}
+
+/// What conditions a diffusion request: the prompt's embedding and, when classifier-free guidance
+/// is used, the negative (or empty) prompt's.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Conditioning {
+    pub positive: TextEmbedding,
+    pub negative: Option<TextEmbedding>,
+}
+
+/// `n` latent images of one shape (`n × channels × height × width`, row-major f32), in the
+/// denoiser's latent space (before the VAE's scaling is undone).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Latents {
+    pub data: Arc<[f32]>,
+    pub n: usize,
+    pub channels: usize,
+    pub height: usize,
+    pub width: usize,
+}
+
+/// `n` decoded RGB images of one size (`n × height × width × 3` bytes, row-major).
+#[derive(Debug, Clone, PartialEq)]
+pub struct RgbImages {
+    pub pixels: Arc<[u8]>,
+    pub n: usize,
+    pub height: usize,
+    pub width: usize,
+}
+
+impl RgbImages {
+    /// The `i`-th image's pixels (`height × width × 3` bytes).
+    pub fn image(&self, i: usize) -> Option<&[u8]> {
+        let size = self.height * self.width * 3;
+        self.pixels.get(i * size..(i + 1) * size)
+    }
+}
+
 /// One typed value travelling on an edge (or to the client).
 #[derive(Debug, Clone, PartialEq)]
 pub enum Payload {
     Text(Arc<str>),
     Tokens(Arc<[u32]>),
     Hidden(HiddenStates),
+    Embeddings(Arc<Conditioning>),
+    Latents(Latents),
+    Image(RgbImages),
 }
 
 impl Payload {
@@ -107,6 +154,9 @@ impl Payload {
             Payload::Text(_) => PayloadKind::Text,
             Payload::Tokens(_) => PayloadKind::Tokens,
             Payload::Hidden(_) => PayloadKind::Hidden,
+            Payload::Embeddings(_) => PayloadKind::Embeddings,
+            Payload::Latents(_) => PayloadKind::Latents,
+            Payload::Image(_) => PayloadKind::Image,
         }
     }
 
@@ -116,6 +166,12 @@ impl Payload {
             Payload::Text(t) => t.len(),
             Payload::Tokens(t) => t.len() * 4,
             Payload::Hidden(h) => h.data.len() * 4,
+            Payload::Embeddings(c) => {
+                let one = |e: &TextEmbedding| (e.tokens.data.len() + e.pooled.len()) * 4;
+                one(&c.positive) + c.negative.as_ref().map_or(0, one)
+            }
+            Payload::Latents(l) => l.data.len() * 4,
+            Payload::Image(i) => i.pixels.len(),
         }
     }
 
@@ -125,6 +181,9 @@ impl Payload {
         let kind = parts.first()?.kind();
         if parts.iter().any(|p| p.kind() != kind) {
             return None;
+        }
+        if let [one] = parts {
+            return Some(one.clone());
         }
         Some(match kind {
             PayloadKind::Text => {
@@ -154,6 +213,49 @@ impl Payload {
                     })
                     .collect();
                 Payload::Hidden(HiddenStates::concat(&hs)?)
+            }
+            PayloadKind::Latents => {
+                let ls: Vec<&Latents> = parts
+                    .iter()
+                    .filter_map(|p| match p {
+                        Payload::Latents(l) => Some(l),
+                        _ => None,
+                    })
+                    .collect();
+                let first = ls[0];
+                if ls.iter().any(|l| {
+                    (l.channels, l.height, l.width) != (first.channels, first.height, first.width)
+                }) {
+                    return None;
+                }
+                let data: Vec<f32> = ls.iter().flat_map(|l| l.data.iter().copied()).collect();
+                Payload::Latents(Latents {
+                    data: data.into(),
+                    n: ls.iter().map(|l| l.n).sum(),
+                    ..first.clone()
+                })
+            }
+            PayloadKind::Image => {
+                let is: Vec<&RgbImages> = parts
+                    .iter()
+                    .filter_map(|p| match p {
+                        Payload::Image(i) => Some(i),
+                        _ => None,
+                    })
+                    .collect();
+                let first = is[0];
+                if is
+                    .iter()
+                    .any(|i| (i.height, i.width) != (first.height, first.width))
+                {
+                    return None;
+                }
+                let pixels: Vec<u8> = is.iter().flat_map(|i| i.pixels.iter().copied()).collect();
+                Payload::Image(RgbImages {
+                    pixels: pixels.into(),
+                    n: is.iter().map(|i| i.n).sum(),
+                    ..first.clone()
+                })
             }
             _ => return None,
         })

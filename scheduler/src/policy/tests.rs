@@ -22,6 +22,7 @@ fn input(prompt_len: usize) -> StageInput {
             sampling: SamplingParams::default(),
             outputs: vec![Modality::Text],
             deadline: Instant::now() + Duration::from_secs(3600),
+            image: None,
         }),
         upstream: Vec::new(),
         client_facing: true,

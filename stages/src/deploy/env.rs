@@ -1,6 +1,7 @@
 //! `OMNISTAGE_*` environment overrides, turned into `config` override keys
 //! (`name`, `stage[<index>].<field>`, `stage[<index>].sampling.<field>`) with typed values.
 
+use super::image::IMAGE_FIELDS;
 use super::raw::{FieldTy, SAMPLING_FIELDS, STAGE_FIELDS};
 use super::{join, DeployError};
 use config::ValueKind;
@@ -72,6 +73,7 @@ pub(super) fn overrides(
                 .iter()
                 .find(|(n, t)| n == f && *n != "id" && *t != FieldTy::Table),
             [s, f] if s == "sampling" => SAMPLING_FIELDS.iter().find(|(n, _)| n == f),
+            [s, f] if s == "image" => IMAGE_FIELDS.iter().find(|(n, _)| n == f),
             _ => None,
         };
         let Some((_, ty)) = field else {
@@ -83,7 +85,8 @@ pub(super) fn overrides(
                     SAMPLING_FIELDS
                         .iter()
                         .map(|(n, _)| format!("sampling__{n}")),
-                );
+                )
+                .chain(IMAGE_FIELDS.iter().map(|(n, _)| format!("image__{n}")));
             return Err(err(format!(
                 "stage `{}` has no overridable field `{}`; fields: {}",
                 ids[index],

@@ -15,9 +15,12 @@
 //! components and are ignored here; any other variable with a `__` is an error.
 
 mod env;
+mod image;
 mod raw;
 mod render;
 mod validate;
+
+pub use image::{ImageSettings, IMAGE_SIDE_MULTIPLE};
 
 use crate::job::{Modality, SamplingParams};
 use crate::payload::PayloadKind;
@@ -94,6 +97,8 @@ pub struct StageSpec {
     pub outputs: Vec<PayloadKind>,
     /// Default sampling for this stage; requests override field by field.
     pub sampling: SamplingParams,
+    /// Image limits and defaults (`[stage.image]`; dit and encoder stages).
+    pub image: ImageSettings,
     /// Run in its own worker process (multi-process issue); accepted and validated here.
     pub process: bool,
 }
@@ -475,8 +480,9 @@ pub enum DeployError {
         stage: String,
         path: String,
     },
-    /// A stage's model directory has no config.json.
-    #[error("{file}: stage `{stage}`, field `model`: model directory `{path}` has no config.json")]
+    /// A stage's model directory has no config.json (nor, for a diffusers pipeline folder,
+    /// model_index.json).
+    #[error("{file}: stage `{stage}`, field `model`: model directory `{path}` has no config.json (or model_index.json for a diffusers pipeline folder)")]
     ModelNoConfig {
         file: String,
         stage: String,
@@ -534,7 +540,8 @@ impl DeployGraph {
                     path,
                 });
             }
-            if !s.model.join("config.json").is_file() {
+            let pipeline = s.kind != StageKind::Llm && s.model.join("model_index.json").is_file();
+            if !s.model.join("config.json").is_file() && !pipeline {
                 return Err(DeployError::ModelNoConfig {
                     file,
                     stage: s.id.clone(),

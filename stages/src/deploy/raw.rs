@@ -5,8 +5,8 @@
 //! converting) and `deny_unknown_fields`, so a typo never passes silently.
 
 use super::{
-    env, join, DType, DeployError, DeployGraph, DeviceSpec, EdgeSpec, Site, StageKind, StageSpec,
-    StreamSpec,
+    env, join, DType, DeployError, DeployGraph, DeviceSpec, EdgeSpec, ImageSettings, Site,
+    StageKind, StageSpec, StreamSpec,
 };
 use super::{ConnectorKind, Modality, PayloadKind, SamplingParams};
 use config::{Config, File, FileFormat};
@@ -50,6 +50,7 @@ pub(super) const STAGE_FIELDS: &[(&str, FieldTy)] = &[
     ("prefix_caching", FieldTy::Bool),
     ("outputs", FieldTy::CsvList),
     ("sampling", FieldTy::Table),
+    ("image", FieldTy::Table),
     ("process", FieldTy::Bool),
 ];
 
@@ -98,6 +99,7 @@ pub(super) struct RawStage {
     prefix_caching: Option<bool>,
     outputs: Option<Vec<String>>,
     sampling: Option<Map<String, Value>>,
+    image: Option<Map<String, Value>>,
     process: Option<bool>,
 }
 
@@ -308,6 +310,10 @@ fn stage(n: usize, value: &Value, file: &str, base_dir: &Path) -> Result<StageSp
         Some(m) => sampling(&m, file, &site)?,
         None => SamplingParams::default(),
     };
+    let image = match r.image {
+        Some(m) => super::image::parse(&m, file, &site)?,
+        None => ImageSettings::default(),
+    };
     let (batch, tokens) = (
         r.max_batch_size.unwrap_or(32),
         r.max_batched_tokens.unwrap_or(2048),
@@ -355,6 +361,7 @@ fn stage(n: usize, value: &Value, file: &str, base_dir: &Path) -> Result<StageSp
         prefix_caching: r.prefix_caching.unwrap_or(true),
         outputs,
         sampling,
+        image,
         process: r.process.unwrap_or(false),
         id,
     })
@@ -476,7 +483,7 @@ fn edge(n: usize, value: &Value, file: &str) -> Result<EdgeSpec, DeployError> {
 
 /// Deserializes `map` into `T`, first checking each key against `fields` (unknown field) and
 /// deserializing it alone (so a type error names its field).
-fn parse_table<T: DeserializeOwned>(
+pub(super) fn parse_table<T: DeserializeOwned>(
     map: &Map<String, Value>,
     file: &str,
     site: &Site,
@@ -514,7 +521,7 @@ fn names(fields: &[(&'static str, FieldTy)]) -> Vec<&'static str> {
     fields.iter().map(|(n, _)| *n).collect()
 }
 
-fn bad(file: &str, site: &Site, field: &str, message: &str) -> DeployError {
+pub(super) fn bad(file: &str, site: &Site, field: &str, message: &str) -> DeployError {
     DeployError::BadValue {
         file: file.to_string(),
         site: Box::new(site.clone()),
