@@ -16,12 +16,14 @@ use candle_nn::VarBuilder;
 pub enum WeightsError {
     /// The directory holds no safetensors checkpoint.
     #[error(
-        "no safetensors checkpoint in {dir}: expected model.safetensors, \
-         model.safetensors.index.json, or model-*-of-*.safetensors shards"
+        "no safetensors checkpoint in {dir}: expected {stem}.safetensors, \
+         {stem}.safetensors.index.json, or {stem}-*-of-*.safetensors shards"
     )]
     NotFound {
         /// The checkpoint directory.
         dir: PathBuf,
+        /// The file stem looked for (`model`, `diffusion_pytorch_model`).
+        stem: String,
     },
     /// The shard index names a shard that is not on disk.
     #[error("{index} references shard {shard}, which does not exist")]
@@ -75,8 +77,8 @@ pub enum WeightsError {
     },
 }
 
-const SINGLE: &str = "model.safetensors";
-const INDEX: &str = "model.safetensors.index.json";
+/// The file stem of diffusers' component checkpoints (`vae/`, `transformer/`, ...).
+pub const DIFFUSERS_STEM: &str = "diffusion_pytorch_model";
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> WeightsError + '_ {
     move |source| WeightsError::Io {
@@ -85,23 +87,31 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> WeightsError + '_ {
     }
 }
 
-/// Lists the safetensors files of the checkpoint in `dir`.
+/// Lists the safetensors files of the checkpoint in `dir` (Transformers' `model*` names).
 pub fn find_safetensors(dir: &Path) -> Result<Vec<PathBuf>, WeightsError> {
-    let index = dir.join(INDEX);
+    find_safetensors_with_stem(dir, "model")
+}
+
+/// Lists the safetensors files of the checkpoint in `dir` whose files are named after `stem`
+/// (`model` for Transformers, [`DIFFUSERS_STEM`] for diffusers): `{stem}.safetensors.index.json`,
+/// `{stem}.safetensors`, or `{stem}-XXXXX-of-YYYYY.safetensors` shards.
+pub fn find_safetensors_with_stem(dir: &Path, stem: &str) -> Result<Vec<PathBuf>, WeightsError> {
+    let index = dir.join(format!("{stem}.safetensors.index.json"));
     if index.is_file() {
         return shards_from_index(dir, &index);
     }
-    let single = dir.join(SINGLE);
+    let single = dir.join(format!("{stem}.safetensors"));
     if single.is_file() {
         return Ok(vec![single]);
     }
+    let shard_prefix = format!("{stem}-");
     let entries = std::fs::read_dir(dir).map_err(io_err(dir))?;
     let mut shards = Vec::new();
     for entry in entries {
         let entry = entry.map_err(io_err(dir))?;
         let name = entry.file_name();
         let Some(name) = name.to_str() else { continue };
-        if name.starts_with("model-")
+        if name.starts_with(&shard_prefix)
             && name.ends_with(".safetensors")
             && name.contains("-of-")
             && entry.path().is_file()
@@ -112,6 +122,7 @@ pub fn find_safetensors(dir: &Path) -> Result<Vec<PathBuf>, WeightsError> {
     if shards.is_empty() {
         return Err(WeightsError::NotFound {
             dir: dir.to_path_buf(),
+            stem: stem.to_string(),
         });
     }
     shards.sort();
@@ -169,7 +180,15 @@ pub fn load_var_builder(
     dtype: DType,
     device: &Device,
 ) -> Result<VarBuilder<'static>, WeightsError> {
-    let paths = find_safetensors(dir)?;
+    mmap_var_builder(find_safetensors(dir)?, dtype, device)
+}
+
+/// Memory-maps the given safetensors files into a [`VarBuilder`] of `dtype` on `device`.
+pub fn mmap_var_builder(
+    paths: Vec<PathBuf>,
+    dtype: DType,
+    device: &Device,
+) -> Result<VarBuilder<'static>, WeightsError> {
     // SAFETY: memory-mapping is unsafe because another process could modify or truncate the
     // file while it is mapped. Checkpoint files are treated as read-only inputs: nothing in this
     // program writes to them, and operators must not rewrite a checkpoint while it is being
@@ -205,6 +224,8 @@ pub fn classify_load_error(err: candle_core::Error) -> Result<WeightsError, cand
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const INDEX: &str = "model.safetensors.index.json";
 
     #[test]
     fn missing_checkpoint_and_missing_shard() {
