@@ -268,7 +268,7 @@ fn mix64(mut z: u64) -> u64 {
 
 /// A per-tensor seed from the checkpoint seed and the tensor name (FNV-1a), so each tensor's
 /// values depend only on (seed, name, shape).
-fn tensor_seed(seed: u64, name: &str) -> u64 {
+pub(crate) fn tensor_seed(seed: u64, name: &str) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for b in name.bytes() {
         h ^= u64::from(b);
@@ -278,7 +278,7 @@ fn tensor_seed(seed: u64, name: &str) -> u64 {
 }
 
 /// Little-endian f32 bytes of `n` seeded normal(0, std) values (Box–Muller on `StdRng`).
-fn normal_bytes(seed: u64, n: usize, std: f32) -> Vec<u8> {
+pub(crate) fn normal_bytes(seed: u64, n: usize, std: f32) -> Vec<u8> {
     let mut rng = StdRng::seed_from_u64(seed);
     let mut out = Vec::with_capacity(n * 4);
     let mut i = 0;
@@ -469,7 +469,7 @@ pub fn write_tiny_llm(
 }
 
 /// Writes pretty JSON with a trailing newline (as `transformers` does); returns the path.
-fn write_json(path: &Path, value: &Value) -> Result<PathBuf, TinyError> {
+pub(crate) fn write_json(path: &Path, value: &Value) -> Result<PathBuf, TinyError> {
     let mut text = serde_json::to_string_pretty(value).map_err(|source| TinyError::Json {
         path: path.to_path_buf(),
         source,
