@@ -30,6 +30,7 @@ fn input(prompt: &str, sampling: SamplingParams) -> StageInput {
         sampling,
         outputs: vec![Modality::Text],
         deadline: Instant::now() + Duration::from_secs(60),
+        image: None,
     };
     StageInput {
         request: Arc::new(request),
@@ -97,6 +98,7 @@ fn run(
                                     o.hidden_rows += h.rows;
                                     o.hidden_dim = h.dim;
                                 }
+                                other => panic!("an LLM stage emitted {:?}", other.kind()),
                             }
                         }
                     }

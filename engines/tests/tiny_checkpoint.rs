@@ -45,7 +45,27 @@ fn same_seed_is_byte_identical_and_seed_changes_weights() {
         .map(|p| p.file_name().unwrap().to_str().unwrap())
         .collect();
     assert_eq!(names, FILES);
-    assert_eq!(ma.files().count(), FILES.len());
+    let image = ma.checkpoint("image").expect("image pipeline checkpoint");
+    assert_eq!(image.dir, a.path().join("tiny-omni/image"));
+    for component in [
+        "model_index.json",
+        "text_encoder/config.json",
+        "tokenizer/tokenizer.json",
+        "transformer/config.json",
+        "transformer/diffusion_pytorch_model.safetensors",
+        "vae/diffusion_pytorch_model.safetensors",
+        "scheduler/scheduler_config.json",
+    ] {
+        let path = image.dir.join(component);
+        assert!(image.files.contains(&path), "{component} not written");
+        let rel = Path::new("tiny-omni/image").join(component);
+        assert_eq!(
+            read(&a.path().join(&rel)),
+            read(&b.path().join(&rel)),
+            "{component} differs between two runs with the same seed"
+        );
+    }
+    assert_eq!(ma.files().count(), FILES.len() + image.files.len());
 
     for name in FILES {
         let rel = Path::new("tiny-omni/thinker").join(name);
@@ -62,7 +82,7 @@ fn same_seed_is_byte_identical_and_seed_changes_weights() {
         }
     }
     assert_eq!(mb.root, b.path().join("tiny-omni"));
-    assert_eq!(mc.checkpoints.len(), 1);
+    assert_eq!(mc.checkpoints.len(), 2);
 }
 
 #[test]

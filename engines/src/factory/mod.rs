@@ -1,5 +1,7 @@
 //! Builds the engine a stage of the deployment file asks for.
 
+mod image;
+
 use crate::llm::engine::{LlmEngine, LlmEngineSettings};
 use omnistage_stages::deploy::{DType, DeviceSpec, StageKind, StageSpec};
 use omnistage_stages::{PayloadKind, StageEngine};
@@ -15,7 +17,7 @@ pub enum BuildError {
     },
     #[error("stage `{stage}`: {message}")]
     Load { stage: String, message: String },
-    #[error("stage `{stage}`: stage kind `{kind}` has no engine in this build yet; only `llm` stages can run")]
+    #[error("stage `{stage}`: stage kind `{kind}` has no engine in this build yet; `llm`, `encoder`, `dit` and `vae` stages can run")]
     UnsupportedKind { stage: String, kind: String },
 }
 
@@ -91,6 +93,9 @@ pub fn build_engine(
                 })?;
             Ok(Box::new(engine))
         }
+        StageKind::Encoder => image::build_text_encoder(spec, wiring),
+        StageKind::Dit => image::build_dit(spec, wiring),
+        StageKind::Vae => image::build_vae(spec, wiring),
         other => Err(BuildError::UnsupportedKind {
             stage: spec.id.clone(),
             kind: format!("{other:?}").to_lowercase(),

@@ -8,10 +8,18 @@
 
 mod bpe;
 mod corpus;
+mod flux;
+mod image;
 mod llm;
+mod sd3;
+mod vae;
 
 pub use bpe::{BPE_VOCAB_SIZE, ENDOFTEXT, IM_END, IM_START, SPECIAL_TOKENS};
+pub use flux::{write_tiny_flux_transformer, TinyFluxSpec};
+pub use image::{write_tiny_image_pipeline, TINY_SCHEDULER_SHIFT};
 pub use llm::{write_tiny_llm, TinyFamily, TinyLlmSpec, TINY_CHAT_TEMPLATE};
+pub use sd3::{write_tiny_sd3_transformer, TinySd3Spec};
+pub use vae::{write_tiny_vae, TinyVaeSpec};
 
 use std::path::{Path, PathBuf};
 
@@ -93,21 +101,32 @@ impl TinyManifest {
 }
 
 /// Writes the tiny omni model set under `out/tiny-omni/`, one checkpoint per stage kind the
-/// project supports: currently `thinker/`, a [`TinyLlmSpec::tiny_qwen3`] LLM.
+/// project supports: `thinker/`, a [`TinyLlmSpec::tiny_qwen3`] LLM, and `image/`, a diffusers
+/// text-to-image pipeline folder shared by the `image-encoder`, `dit` and `vae` stages.
 ///
 /// Existing files are overwritten. Same `seed` ⇒ byte-identical files.
 pub fn make_tiny(out: &Path, seed: u64) -> Result<TinyManifest, TinyError> {
     let root = out.join(TINY_OMNI_DIR);
     let thinker = root.join("thinker");
     let files = write_tiny_llm(&thinker, &TinyLlmSpec::tiny_qwen3(), seed)?;
+    let image = root.join("image");
+    let image_files = write_tiny_image_pipeline(&image, seed)?;
     Ok(TinyManifest {
         root,
-        checkpoints: vec![TinyCheckpoint {
-            stage: "thinker".into(),
-            kind: "llm".into(),
-            dir: thinker,
-            files,
-        }],
+        checkpoints: vec![
+            TinyCheckpoint {
+                stage: "thinker".into(),
+                kind: "llm".into(),
+                dir: thinker,
+                files,
+            },
+            TinyCheckpoint {
+                stage: "image".into(),
+                kind: "pipeline".into(),
+                dir: image,
+                files: image_files,
+            },
+        ],
     })
 }
 
