@@ -206,6 +206,9 @@ pub struct ChatCompletionRequest {
     pub stream: bool,
     pub stream_options: Option<StreamOptions>,
     pub modalities: Option<Vec<String>>,
+    /// Image options when `modalities` includes `"image"` (our extension; the fields of
+    /// `/v1/images/generations` other than `prompt`).
+    pub image: Option<crate::images::ImageFields>,
     #[serde(flatten)]
     pub sampling: SamplingFields,
 }

@@ -11,8 +11,8 @@ use dashmap::DashMap;
 use omnistage_connectors::Connector;
 use omnistage_stages::deploy::DeployGraph;
 use omnistage_stages::{
-    EngineError, FinishReason, JobId, JobRequest, Modality, Payload, PayloadKind, StageEvent,
-    StageInput, Usage,
+    EngineError, FinishReason, JobId, JobRequest, Modality, Payload, PayloadKind, RgbImages,
+    StageEvent, StageInput, Usage,
 };
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -26,6 +26,8 @@ pub enum JobEvent {
     /// New text of the text output (already stop-string safe), with the token ids that produced
     /// it.
     Text { delta: String, token_ids: Vec<u32> },
+    /// Generated images of the image output.
+    Images(RgbImages),
     /// Every requested output is complete.
     Finished { reason: FinishReason, usage: Usage },
     /// The job failed; nothing more follows.
@@ -299,6 +301,7 @@ impl JobRun {
         match ev {
             StageEvent::Output(payloads) => {
                 let text_stage = self.plan.output_stage.get(&Modality::Text).copied();
+                let image_stage = self.plan.output_stage.get(&Modality::Image).copied();
                 let token_ids: Vec<u32> = payloads
                     .iter()
                     .flat_map(|p| match p {
@@ -319,10 +322,16 @@ impl JobRun {
                             self.gathered.entry(e).or_default().push(p.clone());
                         }
                     }
-                    if let (Some(ts), Payload::Text(t)) = (text_stage, &p) {
-                        if ts == s {
-                            text.push_str(t);
+                    match (&p, text_stage, image_stage) {
+                        (Payload::Text(t), Some(ts), _) if ts == s => text.push_str(t),
+                        (Payload::Image(images), _, Some(is)) if is == s => {
+                            if !self.first_output_seen {
+                                self.first_output_seen = true;
+                                self.orch.observer.first_output(self.started.elapsed());
+                            }
+                            let _ = client.send(JobEvent::Images(images.clone())).await;
                         }
+                        _ => {}
                     }
                 }
                 if text_stage == Some(s) && (!text.is_empty() || !token_ids.is_empty()) {

@@ -16,7 +16,9 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use futures::stream::{self, Stream, StreamExt};
-use omnistage_stages::{FinishReason, JobRequest, Modality, Prompt, SamplingParams, Usage};
+use omnistage_stages::{
+    FinishReason, ImageParams, JobRequest, Modality, Prompt, RgbImages, SamplingParams, Usage,
+};
 use serde::de::DeserializeOwned;
 use serde_json::{json, Value};
 use std::convert::Infallible;
@@ -40,6 +42,10 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/completions", post(completions))
+        .route(
+            "/v1/images/generations",
+            post(crate::images::images_generations),
+        )
         .route("/v1/models", get(models))
         .route("/health", get(health))
         .route("/metrics", get(metrics))
@@ -50,13 +56,13 @@ pub fn router(state: AppState) -> Router {
 
 /// An error response in OpenAI's shape.
 #[derive(Debug)]
-pub struct ApiError {
+pub(crate) struct ApiError {
     status: StatusCode,
     body: ApiErrorBody,
 }
 
 impl ApiError {
-    fn new(
+    pub(crate) fn new(
         status: StatusCode,
         kind: &str,
         message: impl Into<String>,
@@ -73,7 +79,7 @@ impl ApiError {
         }
     }
 
-    fn bad(b: BadRequest) -> Self {
+    pub(crate) fn bad(b: BadRequest) -> Self {
         Self::new(
             StatusCode::BAD_REQUEST,
             "invalid_request_error",
@@ -82,7 +88,7 @@ impl ApiError {
         )
     }
 
-    fn from_job(err: &JobError) -> Self {
+    pub(crate) fn from_job(err: &JobError) -> Self {
         let (status, kind) = match err {
             JobError::InvalidInput(_) | JobError::UnsupportedOutput(_) => {
                 (StatusCode::BAD_REQUEST, "invalid_request_error")
@@ -126,7 +132,9 @@ async fn not_found() -> ApiError {
     )
 }
 
-fn parse_body<T: DeserializeOwned>(body: Result<Bytes, BytesRejection>) -> Result<T, ApiError> {
+pub(crate) fn parse_body<T: DeserializeOwned>(
+    body: Result<Bytes, BytesRejection>,
+) -> Result<T, ApiError> {
     let bytes = body.map_err(|r| {
         let status = r.status();
         ApiError::new(
@@ -147,7 +155,7 @@ fn parse_body<T: DeserializeOwned>(body: Result<Bytes, BytesRejection>) -> Resul
 }
 
 impl AppState {
-    fn check_model(&self, model: Option<&str>) -> Result<(), ApiError> {
+    pub(crate) fn check_model(&self, model: Option<&str>) -> Result<(), ApiError> {
         match model {
             None => Ok(()),
             Some(m) if m == self.model_name => Ok(()),
@@ -163,7 +171,7 @@ impl AppState {
         }
     }
 
-    fn orchestrator(&self) -> Result<Arc<Orchestrator>, ApiError> {
+    pub(crate) fn orchestrator(&self) -> Result<Arc<Orchestrator>, ApiError> {
         self.runtime.orchestrator().ok_or_else(|| {
             ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -174,11 +182,12 @@ impl AppState {
         })
     }
 
-    fn start(
+    pub(crate) fn start(
         &self,
         prompt: Prompt,
         sampling: SamplingParams,
         outputs: Vec<Modality>,
+        image: Option<ImageParams>,
     ) -> Result<JobStream, ApiError> {
         let orch = self.orchestrator()?;
         let request = JobRequest {
@@ -187,17 +196,18 @@ impl AppState {
             sampling,
             outputs,
             deadline: Instant::now() + self.request_timeout,
+            image,
         };
         orch.submit(request).map_err(|e| ApiError::from_job(&e))
     }
 
-    fn fail(&self, err: ApiError) -> Response {
+    pub(crate) fn fail(&self, err: ApiError) -> Response {
         self.metrics.error(err.reason());
         err.into_response()
     }
 }
 
-fn unix_now() -> u64 {
+pub(crate) fn unix_now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
@@ -220,7 +230,22 @@ async fn chat_completions(
         let messages = req.chat_messages().map_err(ApiError::bad)?;
         let outputs = req.output_modalities().map_err(ApiError::bad)?;
         let sampling = req.sampling.to_params().map_err(ApiError::bad)?;
-        let job = state.start(Prompt::Chat(messages), sampling, outputs)?;
+        let image = if outputs.contains(&Modality::Image) {
+            let orch = state.orchestrator()?;
+            match crate::images::image_settings(&orch.graph) {
+                Some(settings) => Some(
+                    req.image
+                        .clone()
+                        .unwrap_or_default()
+                        .resolve(settings)
+                        .map_err(ApiError::bad)?,
+                ),
+                None => None,
+            }
+        } else {
+            None
+        };
+        let job = state.start(Prompt::Chat(messages), sampling, outputs, image)?;
         Ok::<_, ApiError>((
             job,
             ReplyOptions::new(req.stream, &req.stream_options, &req.sampling),
@@ -243,7 +268,7 @@ async fn completions(
         let mut sampling = req.sampling.to_params().map_err(ApiError::bad)?;
         // OpenAI's default for legacy completions.
         sampling.max_tokens = sampling.max_tokens.or(Some(16));
-        let job = state.start(prompt, sampling, vec![Modality::Text])?;
+        let job = state.start(prompt, sampling, vec![Modality::Text], None)?;
         Ok::<_, ApiError>((
             job,
             ReplyOptions::new(req.stream, &req.stream_options, &req.sampling),
@@ -300,9 +325,11 @@ async fn collect(
 ) -> Response {
     let mut text = String::new();
     let mut ids = Vec::new();
+    let mut images: Vec<RgbImages> = Vec::new();
     let model = state.model_name.clone();
     loop {
         match job.next().await {
+            Some(JobEvent::Images(i)) => images.push(i),
             Some(JobEvent::Text { delta, token_ids }) => {
                 state
                     .metrics
@@ -314,6 +341,12 @@ async fn collect(
             }
             Some(JobEvent::Finished { reason, usage }) => {
                 let mut body = final_body(&state, flavor, &id, text, reason, usage);
+                if !images.is_empty() {
+                    match content_with_images(&body["choices"][0]["message"]["content"], &images) {
+                        Ok(content) => body["choices"][0]["message"]["content"] = content,
+                        Err(e) => return state.fail(image_encoding_error(e)),
+                    }
+                }
                 if want_ids {
                     body["choices"][0]["token_ids"] = json!(ids);
                 }
@@ -359,6 +392,28 @@ fn final_body(
         "choices": [choice],
         "usage": UsageBody::from(usage),
     })
+}
+
+/// A chat message's content as parts: its text (if any), then each image as an `image_url`
+/// part with a PNG data URL.
+fn content_with_images(text: &Value, images: &[RgbImages]) -> Result<Value, String> {
+    let mut parts = Vec::new();
+    if let Some(t) = text.as_str().filter(|t| !t.is_empty()) {
+        parts.push(json!({"type": "text", "text": t}));
+    }
+    for i in images {
+        parts.extend(crate::images::image_parts(i)?);
+    }
+    Ok(Value::Array(parts))
+}
+
+fn image_encoding_error(message: String) -> ApiError {
+    ApiError::new(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "server_error",
+        format!("cannot encode the image: {message}"),
+        None,
+    )
 }
 
 /// One streamed chunk in OpenAI's shape.
@@ -443,6 +498,20 @@ fn sse_events(
                     vec![c]
                 }
             }
+            Some(JobEvent::Images(images)) => match content_with_images(&Value::Null, &[images]) {
+                Ok(parts) => {
+                    let mut c = chunk(s.flavor, &s.id, &model, None, s.first, None);
+                    c["choices"][0]["delta"]["content"] = parts;
+                    s.first = false;
+                    vec![c]
+                }
+                Err(e) => {
+                    s.done = true;
+                    let e = image_encoding_error(e);
+                    s.state.metrics.error(e.reason());
+                    vec![e.json()]
+                }
+            },
             Some(JobEvent::Finished { reason, usage }) => {
                 s.done = true;
                 let mut out = vec![chunk(s.flavor, &s.id, &model, None, s.first, Some(reason))];
