@@ -28,6 +28,12 @@ pub mod names {
     pub const STAGE_PREFIX_QUERY_TOKENS_TOTAL: &str =
         "omnistage_stage_prefix_cache_query_tokens_total";
     pub const STAGE_PREFIX_HIT_TOKENS_TOTAL: &str = "omnistage_stage_prefix_cache_hit_tokens_total";
+    pub const STAGE_BATCH_OCCUPANCY: &str = "omnistage_stage_batch_occupancy";
+    pub const STAGE_DENOISE_STEPS_TOTAL: &str = "omnistage_stage_denoise_steps_total";
+    pub const STAGE_DENOISE_CACHED_STEPS_TOTAL: &str = "omnistage_stage_denoise_cached_steps_total";
+    pub const STAGE_DENOISE_FORWARDS_TOTAL: &str = "omnistage_stage_denoise_forwards_total";
+    pub const STAGE_DENOISE_ROWS_TOTAL: &str = "omnistage_stage_denoise_rows_total";
+    pub const IMAGES_GENERATED_TOTAL: &str = "omnistage_images_generated_total";
     pub const STAGE_JOB_FAILURES_TOTAL: &str = "omnistage_stage_job_failures_total";
     pub const GENERATED_TOKENS_TOTAL: &str = "omnistage_generated_tokens_total";
     pub const REQUEST_SECONDS: &str = "omnistage_request_duration_seconds";
@@ -42,6 +48,7 @@ const LATENCY_BUCKETS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
 ];
 const BATCH_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0];
+const OCCUPANCY_BUCKETS: &[f64] = &[0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0];
 
 /// The server's metrics.
 pub struct Metrics {
@@ -58,6 +65,12 @@ pub struct Metrics {
     preemptions: IntCounterVec,
     prefix_queries: IntCounterVec,
     prefix_hits: IntCounterVec,
+    occupancy: HistogramVec,
+    denoise_steps: IntCounterVec,
+    denoise_cached_steps: IntCounterVec,
+    denoise_forwards: IntCounterVec,
+    denoise_rows: IntCounterVec,
+    images: IntCounterVec,
     /// Engine counters as last seen, so Prometheus counters advance by the difference.
     last_engine: Mutex<HashMap<(String, usize), EngineStats>>,
     stage_failures: IntCounterVec,
@@ -209,6 +222,43 @@ impl Metrics {
                 &[],
                 LATENCY_BUCKETS,
             ),
+            occupancy: histogram(
+                &r,
+                STAGE_BATCH_OCCUPANCY,
+                "Jobs per engine step as a fraction of the stage's max_batch_size.",
+                sr,
+                OCCUPANCY_BUCKETS,
+            ),
+            denoise_steps: counter(
+                &r,
+                STAGE_DENOISE_STEPS_TOTAL,
+                "Denoising steps completed, summed over images (rate = denoise steps/s).",
+                sr,
+            ),
+            denoise_cached_steps: counter(
+                &r,
+                STAGE_DENOISE_CACHED_STEPS_TOTAL,
+                "Denoising steps that reused the step cache's residual.",
+                sr,
+            ),
+            denoise_forwards: counter(
+                &r,
+                STAGE_DENOISE_FORWARDS_TOTAL,
+                "Denoiser forwards run (one per latent-shape group per step).",
+                sr,
+            ),
+            denoise_rows: counter(
+                &r,
+                STAGE_DENOISE_ROWS_TOTAL,
+                "Rows carried by denoiser forwards (rows / forwards = batch occupancy).",
+                sr,
+            ),
+            images: counter(
+                &r,
+                IMAGES_GENERATED_TOTAL,
+                "Images decoded (rate = images/s).",
+                sr,
+            ),
             requests: counter(&r, REQUESTS_TOTAL, "Requests by outcome.", &["outcome"]),
             errors: counter(&r, ERRORS_TOTAL, "Errors by reason.", &["reason"]),
             connector_bytes: counter(
@@ -243,11 +293,13 @@ impl Metrics {
         self: &std::sync::Arc<Self>,
         stage: &str,
         replica: usize,
+        max_batch_size: usize,
     ) -> StageMetrics {
         StageMetrics {
             metrics: self.clone(),
             stage: stage.to_string(),
             replica: replica.to_string(),
+            max_batch_size: max_batch_size.max(1),
         }
     }
 
@@ -283,6 +335,35 @@ impl Metrics {
             now.prefix_hit_tokens_total
                 .saturating_sub(before.prefix_hit_tokens_total),
         );
+        for (counter, now, before) in [
+            (
+                &self.denoise_steps,
+                now.denoise_image_steps_total,
+                before.denoise_image_steps_total,
+            ),
+            (
+                &self.denoise_cached_steps,
+                now.denoise_cached_image_steps_total,
+                before.denoise_cached_image_steps_total,
+            ),
+            (
+                &self.denoise_forwards,
+                now.denoise_forwards_total,
+                before.denoise_forwards_total,
+            ),
+            (
+                &self.denoise_rows,
+                now.denoise_rows_total,
+                before.denoise_rows_total,
+            ),
+            (&self.images, now.images_total, before.images_total),
+        ] {
+            if now > 0 {
+                counter
+                    .with_label_values(&l)
+                    .inc_by(now.saturating_sub(before));
+            }
+        }
     }
 
     /// Counts an error answered to a client.
@@ -296,11 +377,16 @@ pub struct StageMetrics {
     metrics: std::sync::Arc<Metrics>,
     stage: String,
     replica: String,
+    max_batch_size: usize,
 }
 
 impl StageObserver for StageMetrics {
     fn step_done(&self, batch_size: usize, tokens: usize, elapsed: Duration) {
         let l = [self.stage.as_str(), self.replica.as_str()];
+        self.metrics
+            .occupancy
+            .with_label_values(&l)
+            .observe(batch_size as f64 / self.max_batch_size as f64);
         self.metrics
             .step_batch
             .with_label_values(&l)

@@ -168,7 +168,7 @@ pub fn start(
                     let _ = tx.send((index, event));
                 }
             });
-            let observer = Arc::new(metrics.stage_observer(&spec.id, replica));
+            let observer = Arc::new(metrics.stage_observer(&spec.id, replica, spec.max_batch_size));
             let name = format!("stage-{}-{}", spec.id, replica);
             replicas.push(spawn_stage(name, engine, limits, observer, sink));
         }

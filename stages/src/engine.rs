@@ -54,6 +54,16 @@ pub struct EngineStats {
     /// Prompt tokens looked up in the prefix cache, and how many were found.
     pub prefix_query_tokens_total: u64,
     pub prefix_hit_tokens_total: u64,
+    /// Denoising steps completed, summed over images (DiT stages), and how many of them reused a
+    /// cached block-stack residual instead of running the blocks.
+    pub denoise_image_steps_total: u64,
+    pub denoise_cached_image_steps_total: u64,
+    /// Transformer forwards run and the rows they carried (DiT stages): rows per forward is the
+    /// step-level batch occupancy.
+    pub denoise_forwards_total: u64,
+    pub denoise_rows_total: u64,
+    /// Images produced (VAE stages).
+    pub images_total: u64,
 }
 
 /// A batched engine driven by a stage scheduler on the stage's own OS thread.

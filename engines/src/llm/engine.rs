@@ -498,6 +498,7 @@ impl StageEngine for LlmEngine {
             preemptions_total: self.preemptions,
             prefix_query_tokens_total: kv.prefix_query_tokens,
             prefix_hit_tokens_total: kv.prefix_hit_tokens,
+            ..EngineStats::default()
         }
     }
 }

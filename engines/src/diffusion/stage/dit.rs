@@ -17,8 +17,8 @@ use crate::diffusion::DiffusionError;
 use candle_core::{Device, Tensor};
 use omnistage_stages::deploy::{ImageSettings, IMAGE_SIDE_MULTIPLE};
 use omnistage_stages::{
-    Conditioning, EngineError, FinishReason, ImageParams, JobId, Latents, Payload, StageEngine,
-    StageEvent, StageInput, StepWork, Usage,
+    Conditioning, EngineError, EngineStats, FinishReason, ImageParams, JobId, Latents, Payload,
+    StageEngine, StageEvent, StageInput, StepWork, Usage,
 };
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -474,6 +474,18 @@ impl<M: Denoiser> StageEngine for DitEngine<M> {
 
     fn release(&mut self, job: JobId) {
         self.jobs.remove(&job);
+    }
+
+    fn stats(&self) -> EngineStats {
+        let c = self.counters;
+        EngineStats {
+            state_bytes: self.state_bytes(),
+            denoise_image_steps_total: c.image_steps_total,
+            denoise_cached_image_steps_total: c.cached_image_steps_total,
+            denoise_forwards_total: c.forwards_total,
+            denoise_rows_total: c.rows_total,
+            ..EngineStats::default()
+        }
     }
 
     fn state_bytes(&self) -> usize {

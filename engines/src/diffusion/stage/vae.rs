@@ -4,8 +4,8 @@
 use crate::diffusion::vae::{to_rgb_images, Vae};
 use candle_core::{Device, Tensor};
 use omnistage_stages::{
-    EngineError, FinishReason, JobId, Latents, Payload, RgbImages, StageEngine, StageEvent,
-    StageInput, StepWork, Usage,
+    EngineError, EngineStats, FinishReason, JobId, Latents, Payload, RgbImages, StageEngine,
+    StageEvent, StageInput, StepWork, Usage,
 };
 use std::collections::{BTreeMap, HashMap};
 
@@ -14,6 +14,7 @@ pub struct VaeEngine {
     vae: Vae,
     device: Device,
     jobs: HashMap<JobId, Latents>,
+    images_total: u64,
 }
 
 impl VaeEngine {
@@ -22,6 +23,7 @@ impl VaeEngine {
             vae,
             device,
             jobs: HashMap::new(),
+            images_total: 0,
         }
     }
 
@@ -117,6 +119,7 @@ impl StageEngine for VaeEngine {
             match result {
                 Ok(images) => {
                     for (id, images) in images {
+                        self.images_total += images.n as u64;
                         emit(id, StageEvent::Output(vec![Payload::Image(images)]));
                         emit(
                             id,
@@ -143,5 +146,13 @@ impl StageEngine for VaeEngine {
 
     fn state_bytes(&self) -> usize {
         self.jobs.values().map(|l| l.data.len() * 4).sum()
+    }
+
+    fn stats(&self) -> EngineStats {
+        EngineStats {
+            state_bytes: self.state_bytes(),
+            images_total: self.images_total,
+            ..EngineStats::default()
+        }
     }
 }
