@@ -395,6 +395,27 @@ fn shipped_deployment_files_parse() {
         Some("thinker")
     );
 
+    for name in ["tiny-omni.toml", "tiny-image.toml"] {
+        let (path, text) = shipped(name);
+        let g = DeployGraph::from_toml_str(&text, &path, Path::new("/cache"), &[]).unwrap();
+        let dit = g.stage("dit").unwrap();
+        assert_eq!(dit.kind, StageKind::Dit);
+        assert_eq!(dit.model, PathBuf::from("/cache/tiny-omni/image"));
+        assert_eq!(
+            (
+                dit.image.default_width,
+                dit.image.max_size,
+                dit.image.default_steps
+            ),
+            (64, 256, 8)
+        );
+        assert_eq!(g.stage("image-encoder").unwrap().image.max_text_tokens, 16);
+        assert_eq!(
+            g.output_stage(Modality::Image).map(|s| s.id.as_str()),
+            Some("vae")
+        );
+    }
+
     let (path, text) = shipped("qwen2.5-0.5b.toml");
     let base = path.parent().unwrap();
     let g = DeployGraph::from_toml_str(&text, &path, base, &[]).unwrap();

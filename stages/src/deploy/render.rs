@@ -49,6 +49,22 @@ pub(super) fn text(g: &DeployGraph) -> String {
             );
         }
         let _ = writeln!(out, "    outputs:  {}", join(&s.outputs));
+        let i = &s.image;
+        match s.kind {
+            StageKind::Dit => {
+                let _ = writeln!(
+                    out,
+                    "    image:    sizes {}..={} (default {}x{}) n<={} steps {} (max {}) guidance {} step_cache={} (threshold {})",
+                    i.min_size, i.max_size, i.default_width, i.default_height, i.max_n,
+                    i.default_steps, i.max_steps, i.default_guidance_scale, i.step_cache,
+                    i.step_cache_threshold
+                );
+            }
+            StageKind::Encoder => {
+                let _ = writeln!(out, "    text:     padded to {} tokens", i.max_text_tokens);
+            }
+            _ => {}
+        }
         let sampling = sampling_text(&s.sampling);
         if !sampling.is_empty() {
             let _ = writeln!(out, "    sampling: {sampling}");
