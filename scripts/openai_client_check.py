@@ -7,6 +7,8 @@ an error in OpenAI's shape. Exits non-zero on the first mismatch.
 Usage: python3 scripts/openai_client_check.py [--base-url http://127.0.0.1:8000/v1]
 """
 import argparse
+import base64
+import struct
 import sys
 
 import openai
@@ -87,6 +89,28 @@ def main() -> int:
         print(f"bad temperature -> {e.status_code}: {e.message}")
     else:
         raise AssertionError("temperature 5 must be a 400")
+
+    images = client.images.generate(
+        model=model,
+        prompt="a red fox in the snow",
+        n=2,
+        size="64x64",
+        response_format="b64_json",
+        extra_body={"seed": 7, "steps": 4},
+    )
+    assert len(images.data) == 2, images
+    png = base64.b64decode(images.data[0].b64_json)
+    assert png[:8] == b"\x89PNG\r\n\x1a\n", png[:8]
+    width, height = struct.unpack(">II", png[16:24])
+    assert (width, height) == (64, 64), (width, height)
+    print(f"images: {len(images.data)} PNGs of {width}x{height}")
+
+    try:
+        client.images.generate(model=model, prompt="x", size="4096x4096")
+    except openai.BadRequestError as e:
+        print(f"bad image size -> {e.status_code}: {e.message}")
+    else:
+        raise AssertionError("an oversized image must be a 400")
 
     print("openai client check: all passed")
     return 0
