@@ -136,7 +136,7 @@ impl Pipeline {
                     }
                 }
                 StageEvent::Failed(e) => panic!("{id}: {e}"),
-                StageEvent::Finished { .. } => {}
+                StageEvent::Finished { .. } | StageEvent::Admitted => {}
             })
             .unwrap();
         running.retain(|id| !done.contains_key(id));

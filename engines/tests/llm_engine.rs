@@ -108,6 +108,7 @@ fn run(
                         finished.push(job);
                     }
                     StageEvent::Failed(e) => panic!("{job} failed: {e}"),
+                    StageEvent::Admitted => panic!("engines never report admission"),
                 }
             })
             .unwrap();

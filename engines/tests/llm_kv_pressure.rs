@@ -71,6 +71,7 @@ fn solo(engine: &mut LlmEngine, job: JobId, tokens: &[u32], max_tokens: usize) -
                     }
                     StageEvent::Finished { .. } => done = true,
                     StageEvent::Failed(e) => panic!("solo run failed: {e}"),
+                    StageEvent::Admitted => {}
                 },
             )
             .unwrap();
@@ -126,6 +127,7 @@ fn collect(rx: &Receiver<(JobId, StageEvent)>, n: usize) -> HashMap<JobId, Vec<u
             }
             StageEvent::Finished { .. } => finished += 1,
             StageEvent::Failed(e) => panic!("{job} failed under KV pressure: {e}"),
+            StageEvent::Admitted => {}
         }
     }
     tokens

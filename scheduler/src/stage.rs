@@ -349,7 +349,11 @@ impl<E: StageEngine> Worker<E> {
             let outcome = queue.batch.finish_admission(&mut plan, job, result);
             self.shared.queue_changed(&queue);
             match outcome {
-                AdmitOutcome::Admitted => {}
+                AdmitOutcome::Admitted => {
+                    drop(queue);
+                    (self.sink)(job, StageEvent::Admitted);
+                    queue = self.shared.lock();
+                }
                 AdmitOutcome::Rejected(err) => {
                     drop(queue);
                     if panicked {

@@ -232,10 +232,14 @@ fn input(prompt_len: usize, max_tokens: usize) -> StageInput {
 
 type Events = Receiver<(JobId, StageEvent)>;
 
+/// Starts a stage whose sink forwards every event except `Admitted` (see
+/// `admission_is_reported_before_any_output`).
 fn start(engine: TestEngine, limits: BatchLimits) -> (StageHandle, Events, Arc<Recorder>) {
     let (tx, rx) = unbounded();
     let sink: EventSink = Arc::new(move |job, event| {
-        let _ = tx.send((job, event));
+        if event != StageEvent::Admitted {
+            let _ = tx.send((job, event));
+        }
     });
     let recorder = Arc::new(Recorder::default());
     let handle = spawn_stage("llm".into(), engine, limits, recorder.clone(), sink);
@@ -644,6 +648,9 @@ fn the_sink_may_call_back_into_its_own_stage() {
     let slot: Arc<Mutex<Option<StageHandle>>> = Arc::default();
     let sink_slot = Arc::clone(&slot);
     let sink: EventSink = Arc::new(move |job: JobId, event: StageEvent| {
+        if event == StageEvent::Admitted {
+            return;
+        }
         if matches!(event, StageEvent::Finished { .. }) && job.0 < 100 {
             let stage = sink_slot.lock().unwrap().clone().expect("handle set");
             stage.submit(JobId(job.0 + 100), input(1, 1)).unwrap();
@@ -661,4 +668,51 @@ fn the_sink_may_call_back_into_its_own_stage() {
     stage.submit(JobId(1), input(1, 2)).unwrap();
     collect(&rx, &[JobId(1), JobId(101)]);
     slot.lock().unwrap().take(); // break the cycle so dropping `stage` stops the thread
+}
+
+#[test]
+fn admission_is_reported_before_any_output() {
+    let (tx, rx) = unbounded();
+    let sink: EventSink = Arc::new(move |job, event| {
+        let _ = tx.send((job, event));
+    });
+    let stage = spawn_stage(
+        "admit".into(),
+        TestEngine::new(),
+        limits(1, 16, 16),
+        Arc::new(omnistage_scheduler::NoopObserver),
+        sink,
+    );
+    // Batch size 1: the second job waits in the queue until the first finishes.
+    stage.submit(JobId(1), input(1, 2)).unwrap();
+    stage.submit(JobId(2), input(1, 2)).unwrap();
+    let mut by_job: HashMap<JobId, Vec<StageEvent>> = HashMap::new();
+    let mut order = Vec::new();
+    while by_job
+        .values()
+        .filter(|e| e.last().is_some_and(is_end))
+        .count()
+        < 2
+    {
+        let (job, event) = recv(&rx);
+        order.push((job, event == StageEvent::Admitted));
+        by_job.entry(job).or_default().push(event);
+    }
+    for job in [JobId(1), JobId(2)] {
+        let events = &by_job[&job];
+        assert_eq!(events[0], StageEvent::Admitted, "{job}: {events:?}");
+        assert_eq!(
+            events
+                .iter()
+                .filter(|e| **e == StageEvent::Admitted)
+                .count(),
+            1
+        );
+    }
+    let second_admitted = order.iter().position(|&(j, a)| j == JobId(2) && a).unwrap();
+    let first_ended = order.iter().rposition(|&(j, _)| j == JobId(1)).unwrap();
+    assert!(
+        second_admitted > first_ended,
+        "job 2 was admitted while job 1 held the only slot"
+    );
 }

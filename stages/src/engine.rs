@@ -29,6 +29,9 @@ pub struct StepWork {
 /// What an engine reports for a job during a step.
 #[derive(Debug, Clone, PartialEq)]
 pub enum StageEvent {
+    /// The job entered the stage's running batch: its queue wait is over. Emitted by the stage
+    /// scheduler when the engine accepted the job, never by engines themselves.
+    Admitted,
     /// A streamed piece of output; several kinds may arrive together (text delta, its token ids,
     /// hidden rows). Routed by kind to edges and to the client.
     Output(Vec<Payload>),
