@@ -1,7 +1,7 @@
 //! Serving a deployment: the embedded default, its tiny checkpoints, and the server's lifecycle.
 
 use crate::metrics::Metrics;
-use crate::runtime::{self, RuntimeSlot};
+use crate::runtime::{self, ExecutionMode, RuntimeSlot};
 use crate::server::{router, AppState};
 use omnistage_stages::deploy::{DeployError, DeployGraph};
 use std::net::SocketAddr;
@@ -116,6 +116,15 @@ pub struct Server {
 impl Server {
     /// Binds, starts loading the stages in the background (`/health` says when ready) and serves.
     pub async fn start(graph: DeployGraph, options: ServeOptions) -> Result<Server, ServeError> {
+        Self::start_with_mode(graph, options, ExecutionMode::Pipelined).await
+    }
+
+    /// [`Server::start`] with the graph executing in `mode` (`serve --monolithic`).
+    pub async fn start_with_mode(
+        graph: DeployGraph,
+        options: ServeOptions,
+        mode: ExecutionMode,
+    ) -> Result<Server, ServeError> {
         let metrics = Arc::new(Metrics::new());
         let slot = Arc::new(RuntimeSlot::new(&graph));
         let state = AppState {
@@ -134,7 +143,7 @@ impl Server {
         let loader_slot = slot.clone();
         let (failed_tx, load_failure) = tokio::sync::oneshot::channel();
         tokio::task::spawn_blocking(move || {
-            if let Err(e) = runtime::start(graph, metrics, &loader_slot) {
+            if let Err(e) = runtime::start(graph, metrics, &loader_slot, mode) {
                 tracing::error!("stages failed to start: {e}");
                 let _ = failed_tx.send(e.to_string());
             }

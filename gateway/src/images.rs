@@ -212,6 +212,13 @@ pub async fn images_generations(
         Ok(job) => job,
         Err(e) => return state.fail(e),
     };
+    let job_id = job.id.0;
+    let mut response = images_response(&state, &mut job).await;
+    crate::server::with_request_id(&mut response, job_id);
+    response
+}
+
+async fn images_response(state: &AppState, job: &mut crate::orchestrator::JobStream) -> Response {
     let mut data = Vec::new();
     loop {
         match job.next().await {

@@ -13,3 +13,4 @@ pub mod orchestrator;
 pub mod pool;
 pub mod runtime;
 pub mod server;
+pub mod trace;

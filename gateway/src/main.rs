@@ -3,6 +3,7 @@
 
 use clap::{Parser, Subcommand};
 use omnistage::app::{load_deployment, ServeOptions, Server};
+use omnistage::runtime::ExecutionMode;
 use omnistage_stages::deploy::DeployGraph;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -33,6 +34,10 @@ enum Command {
         /// Per-request deadline in seconds.
         #[arg(long, default_value_t = 600)]
         request_timeout: u64,
+        /// Baseline mode: one request at a time through the graph, every stage unbatched (what a
+        /// single sequential Transformers/Diffusers pipeline gives), for JCT comparisons.
+        #[arg(long)]
+        monolithic: bool,
     },
     /// Validate a deployment file and print its graph as text and Graphviz DOT.
     Check {
@@ -69,7 +74,8 @@ fn main() -> ExitCode {
             host,
             port,
             request_timeout,
-        } => serve(deploy, host, port, request_timeout),
+            monolithic,
+        } => serve(deploy, host, port, request_timeout, monolithic),
         Command::Check { file, no_models } => check(file, no_models),
         Command::MakeTiny {
             out,
@@ -121,6 +127,7 @@ fn serve(
     host: String,
     port: u16,
     request_timeout: u64,
+    monolithic: bool,
 ) -> Result<(), String> {
     let addr: SocketAddr = format!("{host}:{port}")
         .parse()
@@ -135,10 +142,15 @@ fn serve(
             addr,
             request_timeout: Duration::from_secs(request_timeout),
         };
-        let server = Server::start(graph, options)
+        let mode = if monolithic {
+            ExecutionMode::Monolithic
+        } else {
+            ExecutionMode::Pipelined
+        };
+        let server = Server::start_with_mode(graph, options, mode)
             .await
             .map_err(|e| e.to_string())?;
-        tracing::info!("omnistage listening on http://{}", server.addr);
+        tracing::info!("omnistage listening on http://{} ({mode:?})", server.addr);
         server.run().await.map_err(|e| e.to_string())
     })
 }

@@ -7,6 +7,7 @@
 //! stage's batch.
 
 use crate::pool::StagePool;
+use crate::trace::{TraceBuilder, TraceStore};
 use dashmap::DashMap;
 use omnistage_connectors::Connector;
 use omnistage_stages::deploy::DeployGraph;
@@ -15,7 +16,7 @@ use omnistage_stages::{
     StageEvent, StageInput, Usage,
 };
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 use tokio::sync::mpsc;
@@ -68,6 +69,14 @@ pub struct RuntimeEdge {
     pub connector: Box<dyn Connector>,
 }
 
+/// Admits one job at a time to the whole graph (`serve --monolithic`): the baseline of a single
+/// sequential pipeline. Jobs waiting for their turn are bounded.
+struct Gate {
+    turn: Arc<tokio::sync::Semaphore>,
+    waiting: AtomicUsize,
+    max_waiting: usize,
+}
+
 /// The live graph: stage pools by index, edges, and outputs.
 pub struct Orchestrator {
     pub graph: DeployGraph,
@@ -76,6 +85,9 @@ pub struct Orchestrator {
     routes: EventRoutes,
     observer: Arc<dyn JobObserver>,
     next_id: AtomicU64,
+    gate: Option<Gate>,
+    /// Traces of recent jobs.
+    pub traces: TraceStore,
 }
 
 impl Orchestrator {
@@ -93,7 +105,20 @@ impl Orchestrator {
             routes,
             observer,
             next_id: AtomicU64::new(1),
+            gate: None,
+            traces: TraceStore::default(),
         }
+    }
+
+    /// Runs one job at a time through the graph; at most `max_waiting` more wait their turn
+    /// (beyond that, submits fail as overloaded).
+    pub fn one_job_at_a_time(mut self, max_waiting: usize) -> Self {
+        self.gate = Some(Gate {
+            turn: Arc::new(tokio::sync::Semaphore::new(1)),
+            waiting: AtomicUsize::new(0),
+            max_waiting,
+        });
+        self
     }
 
     pub fn stages(&self) -> &[StagePool] {
@@ -150,26 +175,51 @@ impl Orchestrator {
         let (event_tx, event_rx) = mpsc::unbounded_channel();
         self.routes.insert(job, event_tx);
         let mut run = JobRun::new(self.clone(), request.clone(), plan);
-        let entries: Vec<usize> = run
-            .plan
-            .needed
-            .iter()
-            .copied()
-            .filter(|s| !run.plan.edges.iter().any(|e| self.edges[*e].to == *s))
-            .collect();
-        for s in entries {
-            if let Err(e) = run.start_stage(s, Vec::new()) {
+        let (client_tx, client_rx) = mpsc::channel(64);
+        let stream = JobStream {
+            id: job,
+            events: client_rx,
+        };
+        let Some(gate) = &self.gate else {
+            if let Err(e) = run.start_entries() {
                 run.cancel_all();
                 self.routes.remove(&job);
                 return Err(e);
             }
+            tokio::spawn(run.drive(event_rx, client_tx));
+            return Ok(stream);
+        };
+        if gate.waiting.fetch_add(1, Ordering::SeqCst) >= gate.max_waiting {
+            gate.waiting.fetch_sub(1, Ordering::SeqCst);
+            self.routes.remove(&job);
+            return Err(JobError::Overloaded {
+                stage: "graph".into(),
+                message: format!(
+                    "one job runs at a time and {} already wait their turn",
+                    gate.max_waiting
+                ),
+            });
         }
-        let (client_tx, client_rx) = mpsc::channel(64);
-        tokio::spawn(run.drive(event_rx, client_tx));
-        Ok(JobStream {
-            id: job,
-            events: client_rx,
-        })
+        let turn = gate.turn.clone();
+        let orch = self.clone();
+        tokio::spawn(async move {
+            let permit = turn.acquire_owned().await;
+            if let Some(gate) = &orch.gate {
+                gate.waiting.fetch_sub(1, Ordering::SeqCst);
+            }
+            run.trace.graph_admitted();
+            if let Err(e) = run.start_entries() {
+                run.cancel_all();
+                orch.routes.remove(&job);
+                orch.observer
+                    .finished(outcome_label(&e), run.started.elapsed());
+                let _ = client_tx.send(JobEvent::Failed(e)).await;
+                return;
+            }
+            run.drive(event_rx, client_tx).await;
+            drop(permit);
+        });
+        Ok(stream)
     }
 }
 
@@ -208,15 +258,19 @@ struct JobRun {
     first_output_seen: bool,
     usage: Usage,
     reason: Option<FinishReason>,
+    trace: TraceBuilder,
 }
 
 impl JobRun {
     fn new(orch: Arc<Orchestrator>, request: Arc<JobRequest>, plan: JobPlan) -> Self {
+        let started = Instant::now();
+        let outputs = request.outputs.iter().map(|m| m.to_string()).collect();
         Self {
+            trace: TraceBuilder::new(request.id.0, outputs, started),
             orch,
             request,
             plan,
-            started: Instant::now(),
+            started,
             active: HashMap::new(),
             done: BTreeSet::new(),
             gathered: HashMap::new(),
@@ -231,7 +285,23 @@ impl JobRun {
         self.orch.stages[s].id().to_string()
     }
 
+    /// Starts the job at the stages it needs that have no inbound edge.
+    fn start_entries(&mut self) -> Result<(), JobError> {
+        let entries: Vec<usize> = self
+            .plan
+            .needed
+            .iter()
+            .copied()
+            .filter(|s| !self.plan.edges.iter().any(|e| self.orch.edges[*e].to == *s))
+            .collect();
+        for s in entries {
+            self.start_stage(s, Vec::new())?;
+        }
+        Ok(())
+    }
+
     fn start_stage(&mut self, s: usize, upstream: Vec<Payload>) -> Result<(), JobError> {
+        self.trace.submitted(self.orch.stages[s].id());
         let client_facing = self.plan.output_stage.values().any(|o| *o == s);
         let input = StageInput {
             request: self.request.clone(),
@@ -289,6 +359,7 @@ impl JobRun {
         };
         self.orch.routes.remove(&self.request.id);
         self.orch.observer.finished(outcome, self.started.elapsed());
+        self.orch.traces.insert(self.trace.finish(outcome));
     }
 
     /// Handles one stage event; `Ok(true)` when the job is complete.
@@ -298,8 +369,14 @@ impl JobRun {
         ev: StageEvent,
         client: &mpsc::Sender<JobEvent>,
     ) -> Result<bool, JobError> {
+        let stage_id = self.orch.stages[s].id().to_string();
         match ev {
+            StageEvent::Admitted => {
+                self.trace.admitted(&stage_id);
+                Ok(false)
+            }
             StageEvent::Output(payloads) => {
+                self.trace.output(&stage_id);
                 let text_stage = self.plan.output_stage.get(&Modality::Text).copied();
                 let image_stage = self.plan.output_stage.get(&Modality::Image).copied();
                 let token_ids: Vec<u32> = payloads
@@ -329,6 +406,7 @@ impl JobRun {
                                 self.first_output_seen = true;
                                 self.orch.observer.first_output(self.started.elapsed());
                             }
+                            self.trace.client_output();
                             let _ = client.send(JobEvent::Images(images.clone())).await;
                         }
                         _ => {}
@@ -338,6 +416,9 @@ impl JobRun {
                     if !self.first_output_seen && !text.is_empty() {
                         self.first_output_seen = true;
                         self.orch.observer.first_output(self.started.elapsed());
+                    }
+                    if !text.is_empty() {
+                        self.trace.client_output();
                     }
                     // A closed client is noticed by the select loop.
                     let _ = client
@@ -350,6 +431,7 @@ impl JobRun {
                 Ok(false)
             }
             StageEvent::Finished { reason, usage } => {
+                self.trace.finished(&stage_id);
                 self.active.remove(&s);
                 self.done.insert(s);
                 if self.plan.output_stage.values().any(|o| *o == s) {
@@ -429,9 +511,9 @@ impl JobRun {
                     stage: self.stage_name(edge.to),
                     message: err.to_string(),
                 })?;
-            self.orch
-                .observer
-                .transfer(&edge.label, bytes, t0.elapsed().as_secs_f64());
+            let seconds = t0.elapsed().as_secs_f64();
+            self.orch.observer.transfer(&edge.label, bytes, seconds);
+            self.trace.transfer(&edge.label, bytes, seconds);
             let to = edge.to;
             self.inbox.entry(to).or_default().push((e, delivered));
             let expected = self

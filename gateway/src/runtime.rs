@@ -93,11 +93,42 @@ impl RuntimeSlot {
 }
 
 /// Loads every stage's engines, starts their threads and publishes the orchestrator in `slot`.
+/// How the graph executes requests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ExecutionMode {
+    /// Every stage batches and stages overlap across requests (the point of omnistage).
+    #[default]
+    Pipelined,
+    /// The baseline a single sequential Transformers/Diffusers pipeline gives: one request at a
+    /// time through the whole graph, each stage running it alone (batch size 1, one replica, no
+    /// chunked prefill). Same graph, same weights.
+    Monolithic,
+}
+
+/// Requests that may wait their turn in monolithic mode before new ones are refused.
+pub const MONOLITHIC_MAX_WAITING: usize = 4096;
+
+/// The graph as monolithic mode runs it: each stage takes one job at a time, whole.
+pub fn monolithic_graph(mut graph: DeployGraph) -> DeployGraph {
+    for s in &mut graph.stages {
+        s.max_batch_size = 1;
+        s.replicas = 1;
+        s.max_wait_ms = 0;
+        s.max_batched_tokens = s.max_batched_tokens.max(1 << 20);
+    }
+    graph
+}
+
 pub fn start(
     graph: DeployGraph,
     metrics: Arc<Metrics>,
     slot: &RuntimeSlot,
+    mode: ExecutionMode,
 ) -> Result<Arc<Orchestrator>, RuntimeError> {
+    let graph = match mode {
+        ExecutionMode::Pipelined => graph,
+        ExecutionMode::Monolithic => monolithic_graph(graph),
+    };
     let routes: EventRoutes = Arc::new(dashmap::DashMap::new());
     let mut edges = Vec::new();
     for e in &graph.edges {
@@ -176,7 +207,11 @@ pub fn start(
         slot.set_state(&spec.id, StageState::Ready);
         pools.push(StagePool::new(spec.id.clone(), replicas));
     }
-    let orch = Arc::new(Orchestrator::new(graph, pools, edges, routes, metrics));
+    let orch = Orchestrator::new(graph, pools, edges, routes, metrics);
+    let orch = Arc::new(match mode {
+        ExecutionMode::Pipelined => orch,
+        ExecutionMode::Monolithic => orch.one_job_at_a_time(MONOLITHIC_MAX_WAITING),
+    });
     let _ = slot.orchestrator.set(orch.clone());
     Ok(orch)
 }

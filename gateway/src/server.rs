@@ -47,6 +47,7 @@ pub fn router(state: AppState) -> Router {
             post(crate::images::images_generations),
         )
         .route("/v1/models", get(models))
+        .route("/v1/requests/{id}/trace", get(request_trace))
         .route("/health", get(health))
         .route("/metrics", get(metrics))
         .fallback(not_found)
@@ -302,17 +303,58 @@ impl ReplyOptions {
 }
 
 async fn respond(state: AppState, job: JobStream, flavor: Flavor, reply: ReplyOptions) -> Response {
+    let job_id = job.id.0;
     let id = match flavor {
-        Flavor::Chat => format!("chatcmpl-{}", job.id.0),
-        Flavor::Text => format!("cmpl-{}", job.id.0),
+        Flavor::Chat => format!("chatcmpl-{job_id}"),
+        Flavor::Text => format!("cmpl-{job_id}"),
     };
-    if reply.stream {
+    let mut response = if reply.stream {
         let events = sse_events(state, job, flavor, id, reply);
         Sse::new(events)
             .keep_alive(KeepAlive::default())
             .into_response()
     } else {
         collect(state, job, flavor, id, reply.token_ids).await
+    };
+    with_request_id(&mut response, job_id);
+    response
+}
+
+/// Names the job in a response header, so clients can fetch its trace at
+/// `GET /v1/requests/{id}/trace` once it is done.
+pub(crate) fn with_request_id(response: &mut Response, job_id: u64) {
+    if let Ok(v) = header::HeaderValue::from_str(&job_id.to_string()) {
+        response.headers_mut().insert(REQUEST_ID_HEADER, v);
+    }
+}
+
+/// The response header carrying the job id.
+pub const REQUEST_ID_HEADER: &str = "x-omnistage-request-id";
+
+/// `GET /v1/requests/{id}/trace`: a finished job's per-stage breakdown (kept for the most recent
+/// jobs only).
+async fn request_trace(
+    State(state): State<AppState>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+) -> Response {
+    let not_found = || {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found_error",
+            format!("no trace for request `{id}`: unknown, still running, or evicted"),
+            None,
+        )
+        .into_response()
+    };
+    let Ok(job) = id.parse::<u64>() else {
+        return not_found();
+    };
+    let Some(orch) = state.runtime.orchestrator() else {
+        return not_found();
+    };
+    match orch.traces.get(job) {
+        Some(trace) => Json(trace).into_response(),
+        None => not_found(),
     }
 }
 

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 use omnistage::app::{ServeOptions, Server};
+use omnistage::runtime::ExecutionMode;
 use omnistage_stages::deploy::DeployGraph;
 use std::path::Path;
 use std::time::Duration;
@@ -41,6 +42,10 @@ pub async fn start(toml: &str) -> TestServer {
 }
 
 pub async fn start_with_timeout(toml: &str, request_timeout: Duration) -> TestServer {
+    start_with(toml, request_timeout, ExecutionMode::Pipelined).await
+}
+
+pub async fn start_with(toml: &str, request_timeout: Duration, mode: ExecutionMode) -> TestServer {
     let models = tempfile::tempdir().expect("temp dir");
     omnistage_engines::tiny::make_tiny(models.path(), 0).expect("make tiny checkpoints");
     let graph = DeployGraph::from_toml_str(toml, Path::new("test.toml"), models.path(), &[])
@@ -50,7 +55,9 @@ pub async fn start_with_timeout(toml: &str, request_timeout: Duration) -> TestSe
         addr: "127.0.0.1:0".parse().unwrap(),
         request_timeout,
     };
-    let server = Server::start(graph, options).await.expect("server starts");
+    let server = Server::start_with_mode(graph, options, mode)
+        .await
+        .expect("server starts");
     server
         .wait_ready(Duration::from_secs(60))
         .await
@@ -81,6 +88,28 @@ impl TestServer {
         let status = resp.status().as_u16();
         let json = resp.json().await.unwrap_or(serde_json::Value::Null);
         (status, json)
+    }
+
+    /// Posts and returns the status, the `x-omnistage-request-id` header and the JSON body.
+    pub async fn post_with_id(
+        &self,
+        path: &str,
+        body: serde_json::Value,
+    ) -> (u16, Option<u64>, serde_json::Value) {
+        let resp = self
+            .client
+            .post(format!("{}{path}", self.base))
+            .json(&body)
+            .send()
+            .await
+            .expect("request sent");
+        let status = resp.status().as_u16();
+        let id = resp
+            .headers()
+            .get("x-omnistage-request-id")
+            .and_then(|v| v.to_str().ok()?.parse().ok());
+        let json = resp.json().await.unwrap_or(serde_json::Value::Null);
+        (status, id, json)
     }
 
     pub async fn get_text(&self, path: &str) -> (u16, String) {

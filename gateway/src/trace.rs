@@ -1,0 +1,208 @@
+//! Per-request traces: when each stage received, admitted, first answered and finished a job, and
+//! what each edge moved — the per-stage breakdown (queue wait, compute, transfer) that
+//! `omnistage bench` and operators read at `GET /v1/requests/{id}/trace`.
+//!
+//! The store keeps the most recent traces only (a fixed capacity, oldest dropped first), so it
+//! never grows with traffic.
+
+use serde::Serialize;
+use std::collections::{HashMap, VecDeque};
+use std::sync::Mutex;
+use std::time::Instant;
+
+/// Traces kept by a server.
+pub const TRACE_CAPACITY: usize = 10_000;
+
+/// One stage's part of a job; times in milliseconds since the job started.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct StageTrace {
+    pub stage: String,
+    pub submitted_ms: f64,
+    pub admitted_ms: Option<f64>,
+    pub first_output_ms: Option<f64>,
+    pub finished_ms: Option<f64>,
+    /// `admitted − submitted`: time spent in the stage's queue.
+    pub queue_wait_ms: Option<f64>,
+    /// `finished − admitted`: time in the stage's running batch.
+    pub compute_ms: Option<f64>,
+}
+
+/// One edge delivery of a job.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct EdgeTrace {
+    pub edge: String,
+    pub bytes: usize,
+    pub transfer_ms: f64,
+}
+
+/// A finished job's trace.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct JobTrace {
+    pub id: u64,
+    /// When the job arrived, in milliseconds since the Unix epoch.
+    pub started_unix_ms: f64,
+    pub outputs: Vec<String>,
+    /// `ok`, `invalid_input`, `overloaded`, `stage_failed`, `deadline`, `cancelled`, ...
+    pub outcome: String,
+    /// Time the job waited for admission to the whole graph (`serve --monolithic` runs one job
+    /// at a time); 0 otherwise.
+    pub graph_wait_ms: f64,
+    /// Job completion time.
+    pub jct_ms: f64,
+    /// First client-visible output (text token or image).
+    pub first_output_ms: Option<f64>,
+    pub stages: Vec<StageTrace>,
+    pub edges: Vec<EdgeTrace>,
+}
+
+/// Builds a job's trace while it runs.
+pub struct TraceBuilder {
+    started: Instant,
+    trace: JobTrace,
+}
+
+impl TraceBuilder {
+    pub fn new(id: u64, outputs: Vec<String>, started: Instant) -> Self {
+        Self {
+            started,
+            trace: JobTrace {
+                id,
+                started_unix_ms: std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0.0, |d| d.as_secs_f64() * 1e3),
+                outputs,
+                outcome: String::new(),
+                graph_wait_ms: 0.0,
+                jct_ms: 0.0,
+                first_output_ms: None,
+                stages: Vec::new(),
+                edges: Vec::new(),
+            },
+        }
+    }
+
+    fn now(&self) -> f64 {
+        self.started.elapsed().as_secs_f64() * 1e3
+    }
+
+    fn stage(&mut self, stage: &str) -> Option<&mut StageTrace> {
+        self.trace
+            .stages
+            .iter_mut()
+            .rev()
+            .find(|s| s.stage == stage)
+    }
+
+    pub fn graph_admitted(&mut self) {
+        self.trace.graph_wait_ms = self.now();
+    }
+
+    pub fn submitted(&mut self, stage: &str) {
+        let now = self.now();
+        self.trace.stages.push(StageTrace {
+            stage: stage.to_string(),
+            submitted_ms: now,
+            admitted_ms: None,
+            first_output_ms: None,
+            finished_ms: None,
+            queue_wait_ms: None,
+            compute_ms: None,
+        });
+    }
+
+    pub fn admitted(&mut self, stage: &str) {
+        let now = self.now();
+        if let Some(s) = self.stage(stage) {
+            s.admitted_ms.get_or_insert(now);
+            s.queue_wait_ms = Some(now - s.submitted_ms);
+        }
+    }
+
+    pub fn output(&mut self, stage: &str) {
+        let now = self.now();
+        if let Some(s) = self.stage(stage) {
+            s.first_output_ms.get_or_insert(now);
+        }
+    }
+
+    pub fn client_output(&mut self) {
+        let now = self.now();
+        self.trace.first_output_ms.get_or_insert(now);
+    }
+
+    pub fn finished(&mut self, stage: &str) {
+        let now = self.now();
+        if let Some(s) = self.stage(stage) {
+            s.finished_ms = Some(now);
+            s.compute_ms = s.admitted_ms.map(|a| now - a);
+        }
+    }
+
+    pub fn transfer(&mut self, edge: &str, bytes: usize, seconds: f64) {
+        self.trace.edges.push(EdgeTrace {
+            edge: edge.to_string(),
+            bytes,
+            transfer_ms: seconds * 1e3,
+        });
+    }
+
+    pub fn finish(mut self, outcome: &str) -> JobTrace {
+        self.trace.outcome = outcome.to_string();
+        self.trace.jct_ms = self.now();
+        self.trace
+    }
+}
+
+/// The most recent traces, by job id.
+#[derive(Default)]
+pub struct TraceStore {
+    inner: Mutex<(HashMap<u64, JobTrace>, VecDeque<u64>)>,
+}
+
+impl TraceStore {
+    pub fn insert(&self, trace: JobTrace) {
+        let mut guard = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let (map, order) = &mut *guard;
+        if map.insert(trace.id, trace.clone()).is_none() {
+            order.push_back(trace.id);
+        }
+        while order.len() > TRACE_CAPACITY {
+            if let Some(old) = order.pop_front() {
+                map.remove(&old);
+            }
+        }
+    }
+
+    pub fn get(&self, id: u64) -> Option<JobTrace> {
+        let guard = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        guard.0.get(&id).cloned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn breakdown_and_bounded_store() {
+        let mut b = TraceBuilder::new(7, vec!["text".into()], Instant::now());
+        b.submitted("a");
+        b.admitted("a");
+        b.output("a");
+        b.finished("a");
+        b.transfer("a->b", 12, 0.001);
+        let t = b.finish("ok");
+        let s = &t.stages[0];
+        assert!(s.queue_wait_ms.unwrap() >= 0.0 && s.compute_ms.unwrap() >= 0.0);
+        assert_eq!((t.edges[0].bytes, t.outcome.as_str()), (12, "ok"));
+        let store = TraceStore::default();
+        for id in 0..(TRACE_CAPACITY as u64 + 5) {
+            store.insert(JobTrace { id, ..t.clone() });
+        }
+        assert!(store.get(0).is_none(), "oldest dropped");
+        assert_eq!(
+            store.get(TRACE_CAPACITY as u64 + 4).map(|t| t.id),
+            Some(TRACE_CAPACITY as u64 + 4)
+        );
+    }
+}
