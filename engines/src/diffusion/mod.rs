@@ -12,6 +12,7 @@ pub mod noise;
 pub mod png;
 pub mod scheduler;
 pub mod sd3;
+pub mod single_file;
 pub mod stage;
 pub mod text;
 pub mod vae;

@@ -10,6 +10,7 @@ use crate::diffusion::scheduler::{FlowMatchScheduler, ScheduleStyle};
 use crate::diffusion::sd3::Sd3Transformer;
 use crate::diffusion::stage::{DitEngine, DitSettings, TextEncoderEngine, VaeEngine};
 use crate::diffusion::text::llm::LlmPromptEncoder;
+use crate::diffusion::text::sd3::Sd3TextEncoders;
 use crate::diffusion::vae::{Vae, VaeConfig};
 use crate::diffusion::{read_json, DiffusionError};
 use omnistage_stages::deploy::StageSpec;
@@ -71,14 +72,30 @@ pub(super) fn build_text_encoder(
         .and_then(|a| a.as_array())
         .map(|a| a.iter().filter_map(|v| v.as_str()).collect())
         .unwrap_or_default();
-    if architectures
-        .iter()
-        .any(|a| a.starts_with("CLIP") || a.starts_with("T5"))
-    {
+    // A CLIP text encoder is SD3's CLIP-L: the pipeline root also holds CLIP-G and T5, and the
+    // three encode together.
+    if architectures.iter().any(|a| a.starts_with("CLIP")) {
+        // `model` is the pipeline root, or (pointed at the component) `text_encoder/` itself.
+        let root = if dir == spec.model {
+            dir.parent().unwrap_or(&dir)
+        } else {
+            spec.model.as_path()
+        };
+        let encoder = Sd3TextEncoders::load(
+            root,
+            spec.image.max_text_tokens,
+            candle_dtype(spec.dtype),
+            &device,
+        )
+        .map_err(load_err(spec))?;
+        return Ok(Box::new(TextEncoderEngine::new(encoder)));
+    }
+    if architectures.iter().any(|a| a.starts_with("T5")) {
         return Err(BuildError::Load {
             stage: spec.id.clone(),
             message: format!(
-                "{}: CLIP/T5 text encoders ({}) are not built yet; use an LLM text encoder",
+                "{}: a T5 text encoder on its own ({}) is not supported; SD3 pipelines \
+                 (text_encoder/ = CLIP, text_encoder_3/ = T5) and LLM text encoders are",
                 dir.display(),
                 architectures.join(", ")
             ),
@@ -99,6 +116,12 @@ pub(super) fn build_text_encoder(
     Ok(Box::new(TextEncoderEngine::new(encoder)))
 }
 
+/// The denoiser stage. `model` is a diffusers pipeline folder, or a single SD3/FLUX checkpoint
+/// file (`*.safetensors`), whose architecture and config are inferred from its tensors
+/// ([`SingleFileDit`](crate::diffusion::single_file::SingleFileDit)). A single file carries no
+/// scheduler or VAE config: `scheduler_config.json` beside it, else the family's released
+/// default; `vae/config.json` or `vae_config.json` beside it, else a latent scale of 8 (the SD3
+/// and FLUX.1 VAEs both downscale by 8 into 16 latent channels).
 pub(super) fn build_dit(
     spec: &StageSpec,
     wiring: &StageWiring,
@@ -107,6 +130,28 @@ pub(super) fn build_dit(
     let device = candle_device(&spec.id, spec.device)?;
     let dtype = candle_dtype(spec.dtype);
     let root = &spec.model;
+    if crate::diffusion::single_file::is_single_file(root) {
+        use crate::diffusion::single_file::{SingleFileDenoiser, SingleFileDit};
+        let file = SingleFileDit::resolve(root).map_err(load_err(spec))?;
+        let settings = DitSettings {
+            scheduler: file.scheduler.clone(),
+            style: file.denoiser.schedule_style(),
+            vae_scale: file.vae_scale(),
+            limits: spec.image.clone(),
+        };
+        return match &file.denoiser {
+            SingleFileDenoiser::Sd3(config) => {
+                let model = Sd3Transformer::load_single_file(root, config, dtype, &device)
+                    .map_err(load_err(spec))?;
+                Ok(Box::new(DitEngine::new(model, settings, device)))
+            }
+            SingleFileDenoiser::Flux(config) => {
+                let model = FluxTransformer::load_single_file(root, config, dtype, &device)
+                    .map_err(load_err(spec))?;
+                Ok(Box::new(DitEngine::new(model, settings, device)))
+            }
+        };
+    }
     let transformer = root.join("transformer");
     let scheduler = FlowMatchScheduler::load(&root.join("scheduler/scheduler_config.json"))
         .map_err(load_err(spec))?;

@@ -528,11 +528,28 @@ impl DeployGraph {
         Ok(graph)
     }
 
-    /// Checks that every stage's model directory exists and holds a `config.json`.
+    /// Checks that every stage's model directory exists and holds a `config.json` (or, for a
+    /// `dit` stage, that its `*.safetensors` single-file checkpoint exists).
     pub fn check_models(&self) -> Result<(), DeployError> {
         let file = self.source.display().to_string();
         for s in &self.stages {
             let path = s.model.display().to_string();
+            // A `dit` stage may name a single SD3/FLUX checkpoint file; its config is inferred
+            // from the tensors when the engine loads, so the file itself is all there is to check.
+            let single_file = s.kind == StageKind::Dit
+                && s.model
+                    .extension()
+                    .is_some_and(|e| e.eq_ignore_ascii_case("safetensors"));
+            if single_file {
+                if !s.model.is_file() {
+                    return Err(DeployError::ModelMissing {
+                        file,
+                        stage: s.id.clone(),
+                        path,
+                    });
+                }
+                continue;
+            }
             if !s.model.is_dir() {
                 return Err(DeployError::ModelMissing {
                     file,

@@ -2,6 +2,7 @@
 //! per-token rows of one fixed length plus a pooled vector.
 
 pub mod llm;
+pub mod sd3;
 
 use super::DiffusionError;
 use omnistage_stages::TextEmbedding;
