@@ -3,6 +3,7 @@
 use crate::metrics::Metrics;
 use crate::runtime::{self, ExecutionMode, RuntimeSlot};
 use crate::server::{router, AppState};
+use axum::serve::ListenerExt;
 use omnistage_stages::deploy::{DeployError, DeployGraph};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -150,6 +151,13 @@ impl Server {
         });
         let app = router(state.clone());
         let task = tokio::spawn(async move {
+            // Streamed tokens are small writes: without TCP_NODELAY, Nagle's algorithm holds one
+            // back until the client's delayed ACK (~40 ms on Linux), adding that to TTFT.
+            let listener = listener.tap_io(|tcp| {
+                if let Err(e) = tcp.set_nodelay(true) {
+                    tracing::debug!("cannot set TCP_NODELAY: {e}");
+                }
+            });
             axum::serve(listener, app)
                 .with_graceful_shutdown(shutdown_signal())
                 .await
