@@ -6,6 +6,7 @@
 //! (`omnistage_scheduler`).
 
 pub mod app;
+pub mod bench;
 pub mod images;
 pub mod metrics;
 pub mod openai;

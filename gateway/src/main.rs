@@ -46,6 +46,9 @@ enum Command {
         #[arg(long)]
         no_models: bool,
     },
+    /// Load-test a running server and report job completion time (JCT) per request kind, with
+    /// the server's per-stage breakdown; `bench plot` compares sweeps.
+    Bench(Box<omnistage::bench::BenchArgs>),
     /// Write seeded random-weight checkpoints in the real Hugging Face layouts.
     MakeTiny {
         #[arg(long)]
@@ -77,6 +80,7 @@ fn main() -> ExitCode {
             monolithic,
         } => serve(deploy, host, port, request_timeout, monolithic),
         Command::Check { file, no_models } => check(file, no_models),
+        Command::Bench(args) => bench(*args),
         Command::MakeTiny {
             out,
             seed,
@@ -110,6 +114,10 @@ fn make_tiny(out: &std::path::Path, seed: u64, bench_llm: Option<&str>) -> Resul
     omnistage_engines::tiny::write_tiny_llm(out, &spec, seed).map_err(|e| e.to_string())?;
     println!("{}", out.display());
     Ok(())
+}
+
+fn bench(args: omnistage::bench::BenchArgs) -> Result<(), String> {
+    omnistage::bench::main(args)
 }
 
 fn check(file: PathBuf, no_models: bool) -> Result<(), String> {
