@@ -7,7 +7,9 @@
 //! conditional and unconditional rows in the same forward.
 //!
 //! A job's result depends only on its own inputs: initial noise is a function of (seed, image
-//! index), and every row of a batched forward is computed independently of the others.
+//! index), and every row of a batched forward is computed from its own row alone — up to float
+//! rounding, since a batched matmul may sum in another order (latents stay within 1e-5 of the
+//! job run alone; a PNG channel may then differ by one level).
 
 use super::step_cache::StepCache;
 use crate::diffusion::model::{DenoiseInput, Denoiser};
