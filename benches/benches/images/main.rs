@@ -48,6 +48,17 @@
 //!
 //! Run: `cargo bench -p omnistage-benches --bench images`
 
+mod diffusers;
+mod metrics;
+mod pixels;
+mod table;
+
+use diffusers::{read_json, run_diffusers};
+use table::{phase_row, print_table, Row};
+
+use metrics::{dit_stats, stage_series, DitStats};
+use pixels::{base64_decode, pixel_diff, psnr, rgb, write_npy};
+
 use omnistage::app::{ServeOptions, Server};
 use omnistage_stages::deploy::DeployGraph;
 use serde_json::{json, Value};
@@ -217,32 +228,6 @@ async fn serve(dir: &Path, name: &str, toml: &str) -> Server {
     server
 }
 
-/// Decodes standard base64 (with or without padding).
-fn base64_decode(s: &str) -> Vec<u8> {
-    fn value(c: u8) -> Option<u32> {
-        Some(match c {
-            b'A'..=b'Z' => c - b'A',
-            b'a'..=b'z' => c - b'a' + 26,
-            b'0'..=b'9' => c - b'0' + 52,
-            b'+' => 62,
-            b'/' => 63,
-            _ => return None,
-        } as u32)
-    }
-    let mut out = Vec::with_capacity(s.len() * 3 / 4);
-    let (mut acc, mut bits) = (0u32, 0u32);
-    for v in s.bytes().filter_map(value) {
-        acc = (acc << 6) | v;
-        bits += 6;
-        if bits >= 8 {
-            bits -= 8;
-            out.push((acc >> bits) as u8);
-            acc &= (1 << bits) - 1;
-        }
-    }
-    out
-}
-
 /// One image request; returns its PNG bytes.
 async fn generate(
     client: &reqwest::Client,
@@ -282,83 +267,6 @@ struct Phase {
     /// Images/s of every repetition.
     rates: Vec<f64>,
     dit: DitStats,
-}
-
-/// Differences of the stages' `/metrics` series over a phase (`None` where absent).
-#[derive(Default, Clone, Copy)]
-struct DitStats {
-    steps: Option<f64>,
-    jobs_per_step: Option<f64>,
-    rows_per_forward: Option<f64>,
-    cached_fraction: Option<f64>,
-    /// Seconds spent in engine steps by the encoder, dit and vae stages.
-    busy: [Option<f64>; 3],
-}
-
-/// Stage ids of the benchmark graph, in pipeline order.
-const STAGES: [&str; 3] = ["image-encoder", "dit", "vae"];
-
-/// The `/metrics` series of the stages, `name{labels}` → value (histogram buckets left out).
-async fn stage_series(client: &reqwest::Client, base: &str) -> BTreeMap<String, f64> {
-    let Ok(resp) = client.get(format!("{base}/metrics")).send().await else {
-        return BTreeMap::new();
-    };
-    let text = resp.text().await.unwrap_or_default();
-    text.lines()
-        .filter(|l| !l.starts_with('#') && l.contains("stage=\""))
-        .filter_map(|l| {
-            let (series, value) = l.rsplit_once(' ')?;
-            let name = series.split('{').next()?;
-            if name.ends_with("_bucket") {
-                return None;
-            }
-            Some((series.to_string(), value.parse().ok()?))
-        })
-        .collect()
-}
-
-/// Sum over replicas of stage `stage`'s series whose metric name contains `needle` and ends
-/// with `suffix`.
-fn metric(m: &BTreeMap<String, f64>, stage: &str, needle: &str, suffix: &str) -> Option<f64> {
-    let label = format!("stage=\"{stage}\"");
-    let hits: Vec<f64> = m
-        .iter()
-        .filter(|(k, _)| {
-            let name = k.split('{').next().unwrap_or("");
-            name.contains(needle) && name.ends_with(suffix) && k.contains(&label)
-        })
-        .map(|(_, v)| *v)
-        .collect();
-    (!hits.is_empty()).then(|| hits.iter().sum())
-}
-
-fn dit_stats(before: &BTreeMap<String, f64>, after: &BTreeMap<String, f64>) -> DitStats {
-    let delta_of = |stage: &str, needle: &str, suffix: &str| -> Option<f64> {
-        Some(
-            metric(after, stage, needle, suffix)?
-                - metric(before, stage, needle, suffix).unwrap_or(0.0),
-        )
-    };
-    let delta = |needle: &str, suffix: &str| delta_of("dit", needle, suffix);
-    let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
-        (Some(a), Some(b)) if b > 0.0 => Some(a / b),
-        _ => None,
-    };
-    let steps = delta("step_batch_size", "_count");
-    let image_steps = delta("denoise_steps", "_total");
-    // A counter that was never incremented is not exported: none cached when the server
-    // exports the image-step counter but not the cached one.
-    let cached = delta("denoise_cached_steps", "_total").or(image_steps.map(|_| 0.0));
-    DitStats {
-        steps,
-        jobs_per_step: ratio(delta("step_batch_size", "_sum"), steps),
-        rows_per_forward: ratio(
-            delta("denoise_rows", "_total"),
-            delta("denoise_forwards", "_total"),
-        ),
-        cached_fraction: ratio(cached, image_steps),
-        busy: STAGES.map(|stage| delta_of(stage, "step_seconds", "_sum")),
-    }
 }
 
 /// The server under test.
@@ -450,248 +358,6 @@ async fn run_once(
         makespan,
         rates: vec![reqs.len() as f64 / makespan],
         dit: dit_stats(&before, &after),
-    }
-}
-
-fn rgb(png: &[u8]) -> image::RgbImage {
-    image::load_from_memory(png).expect("decode PNG").to_rgb8()
-}
-
-/// PSNR in dB of `b` against `a` over RGB bytes (infinite when identical).
-fn psnr(a: &image::RgbImage, b: &image::RgbImage) -> f64 {
-    assert_eq!(a.dimensions(), b.dimensions(), "image sizes differ");
-    let (pa, pb) = (a.as_raw(), b.as_raw());
-    let se: f64 = pa
-        .iter()
-        .zip(pb)
-        .map(|(&x, &y)| (f64::from(x) - f64::from(y)).powi(2))
-        .sum();
-    let mse = se / pa.len() as f64;
-    if mse == 0.0 {
-        f64::INFINITY
-    } else {
-        10.0 * (255.0f64 * 255.0 / mse).log10()
-    }
-}
-
-/// Largest per-channel difference, and how many channel values differ.
-fn pixel_diff(a: &image::RgbImage, b: &image::RgbImage) -> (u8, usize) {
-    assert_eq!(a.dimensions(), b.dimensions(), "image sizes differ");
-    a.as_raw()
-        .iter()
-        .zip(b.as_raw())
-        .fold((0u8, 0usize), |(m, n), (&x, &y)| {
-            let d = x.abs_diff(y);
-            (m.max(d), n + usize::from(d > 0))
-        })
-}
-
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
-}
-
-/// A row of the results table.
-#[derive(Clone)]
-struct Row {
-    name: String,
-    images: usize,
-    makespan: f64,
-    jct: Vec<f64>,
-    /// Images/s of every repetition (the other fields are the median one's).
-    rates: Vec<f64>,
-    dit: Option<DitStats>,
-}
-
-impl Row {
-    fn rate(&self) -> f64 {
-        self.images as f64 / self.makespan
-    }
-    fn mean(&self) -> f64 {
-        self.jct.iter().sum::<f64>() / self.jct.len().max(1) as f64
-    }
-}
-
-fn print_table(rows: &[Row], base: &Row) {
-    println!(
-        "{:<26} {:>8} {:>8} {:>11} {:>8} {:>8} {:>8} {:>7} {:>7} | {:>5} {:>7} {:>7} {:>6} | {:>5} {:>5} {:>5}",
-        "phase",
-        "makespan",
-        "images/s",
-        "(range)",
-        "mean JCT",
-        "p50 JCT",
-        "p90 JCT",
-        "x (a)",
-        "JCT/(a)",
-        "steps",
-        "jobs/st",
-        "rows/fw",
-        "cached",
-        "enc s",
-        "dit s",
-        "vae s",
-    );
-    let opt = |v: Option<f64>, prec: usize| v.map_or("-".to_string(), |v| format!("{v:.prec$}"));
-    for r in rows {
-        let mut jct = r.jct.clone();
-        jct.sort_by(f64::total_cmp);
-        let d = r.dit.unwrap_or_default();
-        let range = if r.rates.len() > 1 {
-            let lo = r.rates.iter().copied().fold(f64::INFINITY, f64::min);
-            let hi = r.rates.iter().copied().fold(0.0, f64::max);
-            format!("{lo:.1}-{hi:.1}")
-        } else {
-            "-".to_string()
-        };
-        let cached = d
-            .cached_fraction
-            .map_or("-".to_string(), |f| format!("{:.0}%", f * 100.0));
-        println!(
-            "{:<26} {:>7.2}s {:>8.2} {:>11} {:>7.3}s {:>7.3}s {:>7.3}s {:>6.2}x {:>6.2}x | {:>5} {:>7} {:>7} {:>6} | {:>5} {:>5} {:>5}",
-            r.name,
-            r.makespan,
-            r.rate(),
-            range,
-            r.mean(),
-            percentile(&jct, 0.5),
-            percentile(&jct, 0.9),
-            r.rate() / base.rate(),
-            r.mean() / base.mean(),
-            opt(d.steps, 0),
-            opt(d.jobs_per_step, 2),
-            opt(d.rows_per_forward, 2),
-            cached,
-            opt(d.busy[0], 2),
-            opt(d.busy[1], 2),
-            opt(d.busy[2], 2),
-        );
-    }
-}
-
-/// Writes `data` (`shape`, row-major f32) as a `.npy` file.
-fn write_npy(path: &Path, shape: &[usize], data: &[f32]) {
-    let dims: Vec<String> = shape.iter().map(usize::to_string).collect();
-    let dims = if dims.len() == 1 {
-        format!("{},", dims[0])
-    } else {
-        dims.join(", ")
-    };
-    let mut header = format!("{{'descr': '<f4', 'fortran_order': False, 'shape': ({dims}), }}");
-    // Magic (6) + version (2) + length (2) + header, padded to a multiple of 64 with a newline.
-    let total = 10 + header.len() + 1;
-    header.push_str(&" ".repeat((64 - total % 64) % 64));
-    header.push('\n');
-    let mut bytes = b"\x93NUMPY\x01\x00".to_vec();
-    bytes.extend((header.len() as u16).to_le_bytes());
-    bytes.extend(header.as_bytes());
-    for v in data {
-        bytes.extend(v.to_le_bytes());
-    }
-    std::fs::write(path, bytes).expect("write npy");
-}
-
-fn read_json(path: &Path) -> Value {
-    let text = std::fs::read_to_string(path)
-        .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
-    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
-}
-
-/// The diffusers side: its rows, the engine line, and the end-to-end check's PNG.
-struct Diffusers {
-    engine: String,
-    rows: Vec<Row>,
-    check_png: Option<PathBuf>,
-}
-
-#[allow(clippy::too_many_arguments)]
-fn run_diffusers(
-    python: &str,
-    pipeline: &Path,
-    shape: &Shape,
-    reqs: &[Request],
-    text_tokens: usize,
-    out_dir: &Path,
-    check_latents: &Path,
-    repeats: usize,
-) -> Result<Diffusers, String> {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("diffusers_baseline.py");
-    let req_path = out_dir.join("requests.json");
-    let out_path = out_dir.join("diffusers.json");
-    let check_png = out_dir.join("diffusers_check.png");
-    let spec = json!({
-        "pipeline": pipeline.canonicalize().unwrap_or(pipeline.to_path_buf()),
-        "width": shape.size, "height": shape.size, "steps": shape.steps,
-        "guidance_scale": shape.guidance, "negative_prompt": shape.negative,
-        "max_text_tokens": text_tokens,
-        "requests": reqs.iter().enumerate()
-            .map(|(i, r)| json!({"id": i, "prompt": r.prompt, "seed": r.seed}))
-            .collect::<Vec<_>>(),
-    });
-    std::fs::write(&req_path, spec.to_string()).map_err(|e| e.to_string())?;
-    let status = std::process::Command::new(python)
-        .arg(&script)
-        .arg("--requests")
-        .arg(&req_path)
-        .arg("--out")
-        .arg(&out_path)
-        .args([
-            "--batch-sizes",
-            "8,all",
-            "--repeats",
-            &repeats.to_string(),
-            "--threads",
-        ])
-        .arg(candle_core::utils::get_num_threads().to_string())
-        .arg("--check-latents")
-        .arg(check_latents)
-        .arg("--check-prompt")
-        .arg(&reqs[0].prompt)
-        .arg("--check-out")
-        .arg(&check_png)
-        .status()
-        .map_err(|e| format!("cannot run {python}: {e}"))?;
-    if !status.success() {
-        return Err(format!(
-            "{python} {} exited with {status} (it needs torch, transformers and diffusers: \
-             benches/hf_requirements.txt)",
-            script.display()
-        ));
-    }
-    let v = read_json(&out_path);
-    let rows = v["modes"]
-        .as_array()
-        .ok_or("no modes in the diffusers result")?
-        .iter()
-        .map(|m| Row {
-            name: format!("diffusers {}", m["mode"].as_str().unwrap_or("?")),
-            images: reqs.len(),
-            makespan: m["makespan_s"].as_f64().unwrap_or(f64::NAN),
-            jct: m["jct_s"]
-                .as_array()
-                .map(|a| a.iter().filter_map(Value::as_f64).collect())
-                .unwrap_or_default(),
-            rates: m["images_per_s_runs"]
-                .as_array()
-                .map(|a| a.iter().filter_map(Value::as_f64).collect())
-                .unwrap_or_default(),
-            dit: None,
-        })
-        .collect();
-    Ok(Diffusers {
-        engine: v["engine"].as_str().unwrap_or("diffusers").to_string(),
-        rows,
-        check_png: check_png.is_file().then_some(check_png),
-    })
-}
-
-fn phase_row(p: &Phase) -> Row {
-    Row {
-        name: p.name.clone(),
-        images: p.jct.len(),
-        makespan: p.makespan,
-        jct: p.jct.clone(),
-        rates: p.rates.clone(),
-        dit: Some(p.dit),
     }
 }
 
