@@ -330,36 +330,43 @@ impl JobRun {
         client: mpsc::Sender<JobEvent>,
     ) {
         let deadline = tokio::time::Instant::from_std(self.request.deadline);
-        let outcome = loop {
+        // The job's last event goes to the client only after its trace is stored, so a client
+        // that asks for the trace as soon as it has the answer finds it.
+        let (outcome, last) = loop {
             tokio::select! {
                 ev = events.recv() => {
-                    let Some((stage, ev)) = ev else { break "internal" };
+                    let Some((stage, ev)) = ev else { break ("internal", None) };
                     match self.on_event(stage, ev, &client).await {
                         Ok(false) => continue,
-                        Ok(true) => break "ok",
+                        Ok(true) => {
+                            let reason = self.reason.unwrap_or(FinishReason::Stop);
+                            break ("ok", Some(JobEvent::Finished { reason, usage: self.usage }));
+                        }
                         Err(err) => {
                             let outcome = outcome_label(&err);
                             self.cancel_all();
-                            let _ = client.send(JobEvent::Failed(err)).await;
-                            break outcome;
+                            break (outcome, Some(JobEvent::Failed(err)));
                         }
                     }
                 }
                 _ = client.closed() => {
                     self.cancel_all();
-                    break "cancelled";
+                    break ("cancelled", None);
                 }
                 _ = tokio::time::sleep_until(deadline) => {
                     self.cancel_all();
                     let budget = self.request.deadline.saturating_duration_since(self.started).as_secs_f64();
-                    let _ = client.send(JobEvent::Failed(JobError::DeadlineExceeded(budget))).await;
-                    break "deadline";
+                    break ("deadline", Some(JobEvent::Failed(JobError::DeadlineExceeded(budget))));
                 }
             }
         };
         self.orch.routes.remove(&self.request.id);
         self.orch.observer.finished(outcome, self.started.elapsed());
         self.orch.traces.insert(self.trace.finish(outcome));
+        if let Some(event) = last {
+            // A closed client is fine: nobody is waiting any more.
+            let _ = client.send(event).await;
+        }
     }
 
     /// Handles one stage event; `Ok(true)` when the job is complete.
@@ -452,15 +459,6 @@ impl JobRun {
                     .output_stage
                     .values()
                     .all(|o| self.done.contains(o));
-                if complete {
-                    let reason = self.reason.unwrap_or(FinishReason::Stop);
-                    let _ = client
-                        .send(JobEvent::Finished {
-                            reason,
-                            usage: self.usage,
-                        })
-                        .await;
-                }
                 Ok(complete)
             }
             StageEvent::Failed(err) => {
