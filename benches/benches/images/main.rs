@@ -56,8 +56,9 @@ mod table;
 use diffusers::{read_json, run_diffusers};
 use table::{phase_row, print_table, Row};
 
+use base64::Engine as _;
 use metrics::{dit_stats, stage_series, DitStats};
-use pixels::{base64_decode, pixel_diff, psnr, rgb, write_npy};
+use pixels::{pixel_diff, psnr, rgb, write_npy};
 
 use omnistage::app::{ServeOptions, Server};
 use omnistage_stages::deploy::DeployGraph;
@@ -254,7 +255,9 @@ async fn generate(
     let b64 = v["data"][0]["b64_json"]
         .as_str()
         .unwrap_or_else(|| panic!("no image in {v}"));
-    base64_decode(b64)
+    base64::engine::general_purpose::STANDARD
+        .decode(b64)
+        .expect("the server sends valid base64")
 }
 
 /// One timed phase over the whole request list.

@@ -2,32 +2,6 @@
 
 use std::path::Path;
 
-/// Decodes standard base64 (with or without padding).
-pub(crate) fn base64_decode(s: &str) -> Vec<u8> {
-    fn value(c: u8) -> Option<u32> {
-        Some(match c {
-            b'A'..=b'Z' => c - b'A',
-            b'a'..=b'z' => c - b'a' + 26,
-            b'0'..=b'9' => c - b'0' + 52,
-            b'+' => 62,
-            b'/' => 63,
-            _ => return None,
-        } as u32)
-    }
-    let mut out = Vec::with_capacity(s.len() * 3 / 4);
-    let (mut acc, mut bits) = (0u32, 0u32);
-    for v in s.bytes().filter_map(value) {
-        acc = (acc << 6) | v;
-        bits += 6;
-        if bits >= 8 {
-            bits -= 8;
-            out.push((acc >> bits) as u8);
-            acc &= (1 << bits) - 1;
-        }
-    }
-    out
-}
-
 pub(crate) fn rgb(png: &[u8]) -> image::RgbImage {
     image::load_from_memory(png).expect("decode PNG").to_rgb8()
 }
