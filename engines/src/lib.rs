@@ -7,6 +7,7 @@
 //! Must not know: HTTP, the stage graph, queues or batching policy (the scheduler decides what runs
 //! in a step; an engine only runs it).
 
+pub mod audio;
 pub mod diffusion;
 pub mod factory;
 pub mod kernels;

@@ -55,6 +55,7 @@ fn request(id: u64, prompt: &str, image: ImageParams) -> Arc<JobRequest> {
         outputs: vec![omnistage_stages::Modality::Image],
         deadline: Instant::now() + Duration::from_secs(600),
         image: Some(image),
+        audio: None,
     })
 }
 
@@ -95,6 +96,7 @@ impl Pipeline {
             request: req.clone(),
             upstream: vec![],
             client_facing: false,
+            streaming: false,
         };
         self.encoder.admit(id, input).unwrap();
         let mut cond = None;
@@ -115,6 +117,7 @@ impl Pipeline {
             request: req,
             upstream: vec![cond.expect("conditioning")],
             client_facing: false,
+            streaming: false,
         };
         self.dit.admit(id, input).unwrap();
     }
@@ -136,7 +139,7 @@ impl Pipeline {
                     }
                 }
                 StageEvent::Failed(e) => panic!("{id}: {e}"),
-                StageEvent::Finished { .. } | StageEvent::Admitted => {}
+                StageEvent::Finished { .. } | StageEvent::Admitted | StageEvent::Consumed(_) => {}
             })
             .unwrap();
         running.retain(|id| !done.contains_key(id));
@@ -264,6 +267,7 @@ fn bad_requests_are_refused_with_the_allowed_range() {
             request: request(1, "x", image),
             upstream: vec![],
             client_facing: false,
+            streaming: false,
         };
         let err = p.dit.admit(JobId(1), input).unwrap_err().to_string();
         assert!(err.contains(words), "{err}");
@@ -273,6 +277,7 @@ fn bad_requests_are_refused_with_the_allowed_range() {
         request: request(2, "x", params(1, (64, 64), 1, 4, false)),
         upstream: vec![],
         client_facing: false,
+        streaming: false,
     };
     assert!(p
         .dit

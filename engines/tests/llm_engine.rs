@@ -31,11 +31,13 @@ fn input(prompt: &str, sampling: SamplingParams) -> StageInput {
         outputs: vec![Modality::Text],
         deadline: Instant::now() + Duration::from_secs(60),
         image: None,
+        audio: None,
     };
     StageInput {
         request: Arc::new(request),
         upstream: vec![],
         client_facing: true,
+        streaming: false,
     }
 }
 
@@ -109,6 +111,7 @@ fn run(
                     }
                     StageEvent::Failed(e) => panic!("{job} failed: {e}"),
                     StageEvent::Admitted => panic!("engines never report admission"),
+                    StageEvent::Consumed(_) => panic!("no streamed input here"),
                 }
             })
             .unwrap();

@@ -41,11 +41,13 @@ fn input(tokens: &[u32], max_tokens: usize) -> StageInput {
         outputs: vec![Modality::Text],
         deadline: Instant::now() + Duration::from_secs(600),
         image: None,
+        audio: None,
     };
     StageInput {
         request: Arc::new(request),
         upstream: vec![Payload::Tokens(tokens.to_vec().into())],
         client_facing: true,
+        streaming: false,
     }
 }
 
@@ -71,7 +73,7 @@ fn solo(engine: &mut LlmEngine, job: JobId, tokens: &[u32], max_tokens: usize) -
                     }
                     StageEvent::Finished { .. } => done = true,
                     StageEvent::Failed(e) => panic!("solo run failed: {e}"),
-                    StageEvent::Admitted => {}
+                    StageEvent::Admitted | StageEvent::Consumed(_) => {}
                 },
             )
             .unwrap();
@@ -127,7 +129,7 @@ fn collect(rx: &Receiver<(JobId, StageEvent)>, n: usize) -> HashMap<JobId, Vec<u
             }
             StageEvent::Finished { .. } => finished += 1,
             StageEvent::Failed(e) => panic!("{job} failed under KV pressure: {e}"),
-            StageEvent::Admitted => {}
+            StageEvent::Admitted | StageEvent::Consumed(_) => {}
         }
     }
     tokens

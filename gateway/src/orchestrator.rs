@@ -307,6 +307,7 @@ impl JobRun {
             request: self.request.clone(),
             upstream,
             client_facing,
+            streaming: false,
         };
         let replica = self.orch.stages[s]
             .submit(self.request.id, input)
@@ -382,6 +383,7 @@ impl JobRun {
                 self.trace.admitted(&stage_id);
                 Ok(false)
             }
+            StageEvent::Consumed(_) => Ok(false),
             StageEvent::Output(payloads) => {
                 self.trace.output(&stage_id);
                 let text_stage = self.plan.output_stage.get(&Modality::Text).copied();

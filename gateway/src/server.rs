@@ -198,6 +198,7 @@ impl AppState {
             outputs,
             deadline: Instant::now() + self.request_timeout,
             image,
+            audio: None,
         };
         orch.submit(request).map_err(|e| ApiError::from_job(&e))
     }

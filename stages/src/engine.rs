@@ -35,6 +35,10 @@ pub enum StageEvent {
     /// A streamed piece of output; several kinds may arrive together (text delta, its token ids,
     /// hidden rows). Routed by kind to edges and to the client.
     Output(Vec<Payload>),
+    /// The job used this many units (see `Payload::units`) of its streamed input: the
+    /// orchestrator's credit for the edge's bounded buffer, so a lagging consumer holds its
+    /// producer back.
+    Consumed(usize),
     /// The job is done at this stage; the engine has already released its state.
     Finished { reason: FinishReason, usage: Usage },
     /// The job failed at this stage; the engine has already released its state.
@@ -67,6 +71,8 @@ pub struct EngineStats {
     pub denoise_rows_total: u64,
     /// Images produced (VAE stages).
     pub images_total: u64,
+    /// PCM samples produced (codec stages).
+    pub audio_samples_total: u64,
 }
 
 /// A batched engine driven by a stage scheduler on the stage's own OS thread.
@@ -86,6 +92,27 @@ pub trait StageEngine: Send + 'static {
         work: &[StepWork],
         emit: &mut dyn FnMut(JobId, StageEvent),
     ) -> Result<(), EngineError>;
+
+    /// More input for an admitted job on a streamed edge (in order); `last` says nothing more
+    /// follows. Engines that take no streamed input refuse it.
+    fn feed(
+        &mut self,
+        job: JobId,
+        more: Vec<crate::Payload>,
+        last: bool,
+    ) -> Result<(), EngineError> {
+        let _ = (job, more, last);
+        Err(EngineError::InvalidInput(
+            "this stage does not take streamed input; remove `stream` from its inbound edge".into(),
+        ))
+    }
+
+    /// Whether the job cannot progress until more streamed input arrives: the scheduler gives
+    /// it no share of a step until [`feed`](StageEngine::feed) brings some.
+    fn awaiting_input(&self, job: JobId) -> bool {
+        let _ = job;
+        false
+    }
 
     /// Drops a job's state and frees its memory (cancel, deadline, or a failed step).
     fn release(&mut self, job: JobId);
@@ -118,6 +145,19 @@ impl StageEngine for Box<dyn StageEngine> {
         emit: &mut dyn FnMut(JobId, StageEvent),
     ) -> Result<(), EngineError> {
         (**self).step(work, emit)
+    }
+
+    fn feed(
+        &mut self,
+        job: JobId,
+        more: Vec<crate::Payload>,
+        last: bool,
+    ) -> Result<(), EngineError> {
+        (**self).feed(job, more, last)
+    }
+
+    fn awaiting_input(&self, job: JobId) -> bool {
+        (**self).awaiting_input(job)
     }
 
     fn release(&mut self, job: JobId) {

@@ -123,6 +123,15 @@ pub struct ImageParams {
     pub step_cache: bool,
 }
 
+/// What a request with an audio output asks for.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AudioParams {
+    /// A voice the talker stage declares (`default` always exists).
+    pub voice: String,
+    /// Seed of the codec's noise (and of nothing else); the same seed gives the same samples.
+    pub seed: u64,
+}
+
 /// Everything a request asks for; shared read-only (`Arc`) by every stage it visits.
 #[derive(Debug, Clone)]
 pub struct JobRequest {
@@ -133,6 +142,8 @@ pub struct JobRequest {
     pub deadline: Instant,
     /// Image generation settings; `None` for requests without an image output.
     pub image: Option<ImageParams>,
+    /// Audio settings; `None` for requests without an audio output.
+    pub audio: Option<AudioParams>,
 }
 
 /// What a stage receives for one job: the request plus whatever its inbound edges delivered.
@@ -143,6 +154,9 @@ pub struct StageInput {
     /// Whether this stage produces what the client receives; only such a stage applies the
     /// request's sampling settings (others use their stage defaults).
     pub client_facing: bool,
+    /// Whether more input follows through [`StageEngine::feed`](crate::StageEngine::feed) (the
+    /// job arrived on a streamed edge with its first chunk in `upstream`).
+    pub streaming: bool,
 }
 
 impl StageInput {

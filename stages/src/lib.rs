@@ -14,9 +14,10 @@ pub mod payload;
 
 pub use engine::{EngineError, EngineStats, StageEngine, StageEvent, StepWork};
 pub use job::{
-    ChatMessage, FinishReason, ImageParams, JobId, JobRequest, Modality, Prompt, SamplingParams,
-    StageInput, Usage,
+    AudioParams, ChatMessage, FinishReason, ImageParams, JobId, JobRequest, Modality, Prompt,
+    SamplingParams, StageInput, Usage,
 };
 pub use payload::{
-    Conditioning, HiddenStates, Latents, Payload, PayloadKind, RgbImages, TextEmbedding,
+    CodecFrames, Conditioning, HiddenStates, Latents, Payload, PayloadKind, PcmAudio, RgbImages,
+    TextEmbedding,
 };

@@ -137,6 +137,46 @@ impl RgbImages {
     }
 }
 
+/// Whole frames of audio codec codes in the codec's canonical frame layout
+/// (`frames × codes_per_frame` values; see `engines::audio::codec` for the layout).
+#[derive(Debug, Clone, PartialEq)]
+pub struct CodecFrames {
+    pub codes: Arc<[u32]>,
+    pub frames: usize,
+    pub codes_per_frame: usize,
+}
+
+impl CodecFrames {
+    /// Frames from `codes`; `None` when `codes` is not whole frames (or `codes_per_frame` is 0).
+    pub fn new(codes: Vec<u32>, codes_per_frame: usize) -> Option<Self> {
+        if codes_per_frame == 0 || codes.len() % codes_per_frame != 0 {
+            return None;
+        }
+        Some(Self {
+            frames: codes.len() / codes_per_frame,
+            codes: codes.into(),
+            codes_per_frame,
+        })
+    }
+}
+
+/// Mono PCM audio, f32 in [-1, 1].
+#[derive(Debug, Clone, PartialEq)]
+pub struct PcmAudio {
+    pub samples: Arc<[f32]>,
+    pub sample_rate: u32,
+}
+
+impl PcmAudio {
+    /// Duration in seconds.
+    pub fn seconds(&self) -> f64 {
+        if self.sample_rate == 0 {
+            return 0.0;
+        }
+        self.samples.len() as f64 / f64::from(self.sample_rate)
+    }
+}
+
 /// One typed value travelling on an edge (or to the client).
 #[derive(Debug, Clone, PartialEq)]
 pub enum Payload {
@@ -146,6 +186,8 @@ pub enum Payload {
     Embeddings(Arc<Conditioning>),
     Latents(Latents),
     Image(RgbImages),
+    Codes(CodecFrames),
+    Pcm(PcmAudio),
 }
 
 impl Payload {
@@ -157,6 +199,23 @@ impl Payload {
             Payload::Embeddings(_) => PayloadKind::Embeddings,
             Payload::Latents(_) => PayloadKind::Latents,
             Payload::Image(_) => PayloadKind::Image,
+            Payload::Codes(_) => PayloadKind::Codes,
+            Payload::Pcm(_) => PayloadKind::Pcm,
+        }
+    }
+
+    /// How many streaming units the payload holds — what a streamed edge's `chunk` counts:
+    /// tokens, hidden rows, codec frames, PCM samples, text bytes, images.
+    pub fn units(&self) -> usize {
+        match self {
+            Payload::Text(t) => t.len(),
+            Payload::Tokens(t) => t.len(),
+            Payload::Hidden(h) => h.rows,
+            Payload::Embeddings(_) => 1,
+            Payload::Latents(l) => l.n,
+            Payload::Image(i) => i.n,
+            Payload::Codes(c) => c.frames,
+            Payload::Pcm(p) => p.samples.len(),
         }
     }
 
@@ -172,6 +231,8 @@ impl Payload {
             }
             Payload::Latents(l) => l.data.len() * 4,
             Payload::Image(i) => i.pixels.len(),
+            Payload::Codes(c) => c.codes.len() * 4,
+            Payload::Pcm(p) => p.samples.len() * 4,
         }
     }
 
@@ -257,7 +318,40 @@ impl Payload {
                     ..first.clone()
                 })
             }
-            _ => return None,
+            PayloadKind::Codes => {
+                let cs: Vec<&CodecFrames> = parts
+                    .iter()
+                    .filter_map(|p| match p {
+                        Payload::Codes(c) => Some(c),
+                        _ => None,
+                    })
+                    .collect();
+                let width = cs[0].codes_per_frame;
+                if cs.iter().any(|c| c.codes_per_frame != width) {
+                    return None;
+                }
+                let codes: Vec<u32> = cs.iter().flat_map(|c| c.codes.iter().copied()).collect();
+                Payload::Codes(CodecFrames::new(codes, width)?)
+            }
+            PayloadKind::Pcm => {
+                let ps: Vec<&PcmAudio> = parts
+                    .iter()
+                    .filter_map(|p| match p {
+                        Payload::Pcm(a) => Some(a),
+                        _ => None,
+                    })
+                    .collect();
+                let rate = ps[0].sample_rate;
+                if ps.iter().any(|a| a.sample_rate != rate) {
+                    return None;
+                }
+                let samples: Vec<f32> = ps.iter().flat_map(|a| a.samples.iter().copied()).collect();
+                Payload::Pcm(PcmAudio {
+                    samples: samples.into(),
+                    sample_rate: rate,
+                })
+            }
+            PayloadKind::Embeddings => return None,
         })
     }
 }
@@ -302,6 +396,30 @@ mod tests {
         ])
         .is_none());
         assert!(Payload::concat(&[]).is_none());
+    }
+
+    #[test]
+    fn concat_joins_codec_frames_and_pcm_and_counts_units() {
+        let a = Payload::Codes(CodecFrames::new(vec![1, 2, 3, 4], 2).unwrap());
+        let b = Payload::Codes(CodecFrames::new(vec![5, 6], 2).unwrap());
+        assert_eq!((a.units(), b.units()), (2, 1));
+        match Payload::concat(&[a, b]).unwrap() {
+            Payload::Codes(c) => {
+                assert_eq!(c.frames, 3);
+                assert_eq!(&c.codes[..], &[1, 2, 3, 4, 5, 6]);
+            }
+            other => panic!("expected codes, got {other:?}"),
+        }
+        assert!(CodecFrames::new(vec![1, 2, 3], 2).is_none());
+        let pcm = |s: Vec<f32>, rate| {
+            Payload::Pcm(PcmAudio {
+                samples: s.into(),
+                sample_rate: rate,
+            })
+        };
+        let whole = Payload::concat(&[pcm(vec![0.1], 24_000), pcm(vec![0.2, 0.3], 24_000)]);
+        assert_eq!(whole.as_ref().map(Payload::units), Some(3));
+        assert!(Payload::concat(&[pcm(vec![0.1], 24_000), pcm(vec![0.2], 16_000)]).is_none());
     }
 
     #[test]

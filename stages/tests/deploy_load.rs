@@ -31,7 +31,13 @@ id = "talker-v2"
 kind = "llm"
 model = "/abs/talker"
 replicas = 2
-outputs = ["tokens"]
+outputs = ["codes"]
+[stage.talker]
+codec_token_offset = 10
+codebook_size = 64
+frame_layout = [0, 1, 2, 2, 1, 2, 2]
+end_token_ids = [2]
+voices = { default = "", tara = "tara" }
 
 [[stage]]
 id = "code2wav"
@@ -48,7 +54,7 @@ stream = { chunk = 1 }
 [[edge]]
 from = "talker-v2"
 to = "code2wav"
-carries = "tokens"
+carries = "codes"
 connector = "shm"
 stream = { chunk = 28 }
 
@@ -108,10 +114,22 @@ fn full_graph_loads_with_defaults() {
     assert_eq!(g.stage("talker-v2").unwrap().replicas, 2);
 
     assert_eq!(g.edges[0].connector, ConnectorKind::Inproc);
-    assert_eq!(g.edges[0].stream, Some(StreamSpec { chunk: 1 }));
+    assert_eq!(
+        g.edges[0].stream,
+        Some(StreamSpec {
+            chunk: 1,
+            buffer: StreamSpec::DEFAULT_BUFFER
+        })
+    );
     assert_eq!(g.edges[1].connector, ConnectorKind::Shm);
-    assert_eq!(g.edges[1].carries, PayloadKind::Tokens);
-    assert_eq!(g.edges[1].stream, Some(StreamSpec { chunk: 28 }));
+    assert_eq!(g.edges[1].carries, PayloadKind::Codes);
+    assert_eq!(
+        g.edges[1].stream,
+        Some(StreamSpec {
+            chunk: 28,
+            buffer: StreamSpec::DEFAULT_BUFFER
+        })
+    );
 
     // Stable order: text before audio, whatever the file says.
     assert_eq!(
@@ -189,7 +207,8 @@ fn env_overrides_stage_fields_sampling_and_name() {
         ("OMNISTAGE_STAGE__THINKER__SAMPLING__TOP_P", "0.9"),
         ("OMNISTAGE_STAGE__THINKER__SAMPLING__STOP_TOKEN_IDS", "1, 2"),
         ("OMNISTAGE_STAGE__TALKER_V2__PROCESS", "true"),
-        ("omnistage_stage__talker_v2__outputs", "tokens,text"),
+        ("omnistage_stage__talker_v2__outputs", "codes,text"),
+        ("OMNISTAGE_STAGE__TALKER_V2__TALKER__CODEBOOK_SIZE", "32"),
         ("OMNISTAGE_STAGE__CODE2WAV__SAMPLING__STOP", "a,b"),
         ("OMNISTAGE_STAGE__CODE2WAV__MAX_WAIT_MS", "5"),
         ("OMNISTAGE_LOG", "debug"),
@@ -211,7 +230,8 @@ fn env_overrides_stage_fields_sampling_and_name() {
     assert_eq!(t.max_batched_tokens, 2048, "untouched fields stay");
     let tv = g.stage("talker-v2").unwrap();
     assert!(tv.process);
-    assert_eq!(tv.outputs, vec![PayloadKind::Tokens, PayloadKind::Text]);
+    assert_eq!(tv.outputs, vec![PayloadKind::Codes, PayloadKind::Text]);
+    assert_eq!(tv.talker.as_ref().map(|t| t.codebook_size), Some(32));
     let w = g.stage("code2wav").unwrap();
     assert_eq!(w.sampling.stop, vec!["a,b".to_string()]);
     assert_eq!(w.max_wait_ms, 5);
@@ -315,7 +335,7 @@ fn to_dot_has_nodes_edges_and_output_sinks() {
         "{dot}"
     );
     assert!(
-        dot.contains("\"talker-v2\" -> \"code2wav\" [label=\"tokens\\nshm, stream chunk=28\"]"),
+        dot.contains("\"talker-v2\" -> \"code2wav\" [label=\"codes\\nshm, stream chunk=28\"]"),
         "{dot}"
     );
     assert!(dot.contains("\"output:audio\" [shape=ellipse"), "{dot}");
@@ -338,7 +358,8 @@ fn to_text_mentions_every_stage_edge_and_output() {
         "max_model_len=4096",
         "temperature=0.7",
         "thinker (llm)  [entry]",
-        "#2 talker-v2 -> code2wav  carries=tokens connector=shm stream chunk=28",
+        "#2 talker-v2 -> code2wav  carries=codes connector=shm stream chunk=28 buffer=8",
+        "voices:   default, tara",
         "text <- thinker",
         "audio <- code2wav",
     ] {

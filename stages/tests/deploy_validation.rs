@@ -6,7 +6,7 @@ use std::path::Path;
 
 const FILE: &str = "deploy/x.toml";
 
-/// A valid three-stage graph: thinker (text + hidden) → talker (tokens) → code2wav (pcm).
+/// A valid three-stage graph: thinker (text + hidden) → talker (codes) → code2wav (pcm).
 const OMNI: &str = r#"
 name = "omni"
 
@@ -20,7 +20,13 @@ outputs = ["text", "hidden"]
 id = "talker"
 kind = "llm"
 model = "m/talker"
-outputs = ["tokens"]
+outputs = ["codes", "tokens"]
+
+[stage.talker]
+codec_token_offset = 10
+codebook_size = 64
+frame_layout = [0, 1, 1]
+end_token_ids = [2]
 
 [[stage]]
 id = "code2wav"
@@ -35,7 +41,7 @@ carries = "hidden"
 [[edge]]
 from = "talker"
 to = "code2wav"
-carries = "tokens"
+carries = "codes"
 
 [outputs]
 text = "thinker"
@@ -109,13 +115,13 @@ fn unknown_fields_in_sampling_edge_stream_and_top_level() {
         ],
     );
     let text = omni_with(
-        "carries = \"tokens\"\n",
-        "carries = \"tokens\"\nconector = \"shm\"\n",
+        "carries = \"codes\"\n",
+        "carries = \"codes\"\nconector = \"shm\"\n",
     );
     refused(&text, &["edge #2 (talker -> code2wav)", "field `conector`"]);
     let text = omni_with(
-        "carries = \"tokens\"\n",
-        "carries = \"tokens\"\nstream = { chunks = 4 }\n",
+        "carries = \"codes\"\n",
+        "carries = \"codes\"\nstream = { chunks = 4 }\n",
     );
     refused(
         &text,
@@ -179,8 +185,8 @@ fn bad_enum_values_list_the_allowed_ones() {
         ],
     );
     let text = omni_with(
-        "carries = \"tokens\"\n",
-        "carries = \"tokens\"\nconnector = \"rdma\"\n",
+        "carries = \"codes\"\n",
+        "carries = \"codes\"\nconnector = \"rdma\"\n",
     );
     refused(
         &text,
@@ -201,7 +207,7 @@ fn bad_enum_values_list_the_allowed_ones() {
             "text, tokens, hidden",
         ],
     );
-    let text = omni_with("outputs = [\"tokens\"]", "outputs = [\"token\"]");
+    let text = omni_with("outputs = [\"codes\", \"tokens\"]", "outputs = [\"token\"]");
     refused(
         &text,
         &["stage `talker`", "field `outputs`", "`token`", "pcm"],
@@ -230,10 +236,7 @@ fn wrong_value_types_name_the_field() {
     );
     refused(&text, &["stage `code2wav`", "field `sampling.top_k`"]);
     refused(
-        &omni_with(
-            "carries = \"tokens\"\n",
-            "carries = \"tokens\"\nstream = 4\n",
-        ),
+        &omni_with("carries = \"codes\"\n", "carries = \"codes\"\nstream = 4\n"),
         &["field `stream`"],
     );
     refused(
@@ -347,34 +350,55 @@ fn payload_kinds_must_fit_producer_and_consumer() {
     );
     assert!(matches!(e, DeployError::EdgeNotProduced { .. }));
     // A codec cannot take hidden states.
-    let text = omni_with("carries = \"tokens\"", "carries = \"tokens\"\n\n[[edge]]\nfrom = \"thinker\"\nto = \"code2wav\"\ncarries = \"hidden\"");
+    let text = omni_with("carries = \"codes\"", "carries = \"codes\"\n\n[[edge]]\nfrom = \"thinker\"\nto = \"code2wav\"\ncarries = \"hidden\"");
     let e = refused(
         &text,
         &[
             "edge #3 (thinker -> code2wav)",
             "field `carries`",
             "stage `code2wav` (codec)",
-            "codes, tokens",
+            "accepts: codes",
         ],
     );
     assert!(matches!(e, DeployError::EdgeNotAccepted { .. }));
     // An llm cannot produce images.
     let e = refused(
         &omni_with(
-            "outputs = [\"tokens\"]",
+            "outputs = [\"codes\", \"tokens\"]",
             "outputs = [\"tokens\", \"image\"]",
         ),
         &[
             "stage `talker`",
             "field `outputs`",
             "llm stage cannot produce `image`",
-            "text, tokens, hidden",
+            "text, tokens, hidden, codes",
         ],
     );
     assert!(matches!(e, DeployError::KindCannotProduce { .. }));
     refused(
-        &omni_with("outputs = [\"tokens\"]", "outputs = []"),
+        &omni_with("outputs = [\"codes\", \"tokens\"]", "outputs = []"),
         &["stage `talker`", "field `outputs`", "at least one"],
+    );
+    // Codes come only from a talker.
+    let e = refused(
+        &omni_with("[stage.talker]", "[stage.other]"),
+        &["stage `talker`", "field `other`"],
+    );
+    assert!(matches!(e, DeployError::UnknownField { .. }), "{e:?}");
+    let no_talker = OMNI.replace(
+        "[stage.talker]\ncodec_token_offset = 10\ncodebook_size = 64\nframe_layout = [0, 1, 1]\nend_token_ids = [2]\n",
+        "",
+    );
+    refused(
+        &no_talker,
+        &["stage `talker`", "field `outputs`", "[stage.talker]"],
+    );
+    refused(
+        &omni_with(
+            "model = \"m/snac\"",
+            "model = \"m/snac\"\n[stage.talker]\ncodec_token_offset = 1\ncodebook_size = 1\nframe_layout = [0]\nend_token_ids = [0]",
+        ),
+        &["stage `code2wav`", "field `talker`", "only llm stages speak"],
     );
 }
 

@@ -23,9 +23,11 @@ fn input(prompt_len: usize) -> StageInput {
             outputs: vec![Modality::Text],
             deadline: Instant::now() + Duration::from_secs(3600),
             image: None,
+            audio: None,
         }),
         upstream: Vec::new(),
         client_facing: true,
+        streaming: false,
     }
 }
 

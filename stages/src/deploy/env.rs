@@ -3,6 +3,7 @@
 
 use super::image::IMAGE_FIELDS;
 use super::raw::{FieldTy, SAMPLING_FIELDS, STAGE_FIELDS};
+use super::talker::TALKER_FIELDS;
 use super::{join, DeployError};
 use config::ValueKind;
 use serde_json::Value;
@@ -74,6 +75,9 @@ pub(super) fn overrides(
                 .find(|(n, t)| n == f && *n != "id" && *t != FieldTy::Table),
             [s, f] if s == "sampling" => SAMPLING_FIELDS.iter().find(|(n, _)| n == f),
             [s, f] if s == "image" => IMAGE_FIELDS.iter().find(|(n, _)| n == f),
+            [s, f] if s == "talker" => TALKER_FIELDS
+                .iter()
+                .find(|(n, t)| n == f && *t != FieldTy::Table),
             _ => None,
         };
         let Some((_, ty)) = field else {
@@ -86,7 +90,13 @@ pub(super) fn overrides(
                         .iter()
                         .map(|(n, _)| format!("sampling__{n}")),
                 )
-                .chain(IMAGE_FIELDS.iter().map(|(n, _)| format!("image__{n}")));
+                .chain(IMAGE_FIELDS.iter().map(|(n, _)| format!("image__{n}")))
+                .chain(
+                    TALKER_FIELDS
+                        .iter()
+                        .filter(|(_, t)| *t != FieldTy::Table)
+                        .map(|(n, _)| format!("talker__{n}")),
+                );
             return Err(err(format!(
                 "stage `{}` has no overridable field `{}`; fields: {}",
                 ids[index],

@@ -18,9 +18,11 @@ mod env;
 mod image;
 mod raw;
 mod render;
+mod talker;
 mod validate;
 
 pub use image::{ImageSettings, IMAGE_SIDE_MULTIPLE};
+pub use talker::{TalkerSettings, DEFAULT_VOICE};
 
 use crate::job::{Modality, SamplingParams};
 use crate::payload::PayloadKind;
@@ -99,6 +101,8 @@ pub struct StageSpec {
     pub sampling: SamplingParams,
     /// Image limits and defaults (`[stage.image]`; dit and encoder stages).
     pub image: ImageSettings,
+    /// Codec-token layout, prompt and voices of an `llm` stage that speaks (`[stage.talker]`).
+    pub talker: Option<TalkerSettings>,
     /// Run in its own worker process (multi-process issue); accepted and validated here.
     pub process: bool,
 }
@@ -108,6 +112,13 @@ pub struct StageSpec {
 pub struct StreamSpec {
     /// Deliver every `chunk` tokens/frames.
     pub chunk: usize,
+    /// Chunks delivered but not yet consumed before the producer is held back.
+    pub buffer: usize,
+}
+
+impl StreamSpec {
+    /// Chunks in flight when `buffer` is not given.
+    pub const DEFAULT_BUFFER: usize = 8;
 }
 
 /// One edge of the graph.
@@ -159,7 +170,7 @@ impl StageKind {
     pub fn produces(self) -> &'static [PayloadKind] {
         use PayloadKind::*;
         match self {
-            StageKind::Llm => &[Text, Tokens, Hidden],
+            StageKind::Llm => &[Text, Tokens, Hidden, Codes],
             StageKind::Dit => &[Latents],
             StageKind::Vae => &[Image],
             StageKind::Codec => &[Pcm],
@@ -175,15 +186,21 @@ impl StageKind {
             StageKind::Llm => &[Text, Tokens, Hidden, Embeddings],
             StageKind::Dit => &[Embeddings, Hidden, Text],
             StageKind::Vae => &[Latents],
-            StageKind::Codec => &[Codes, Tokens],
+            StageKind::Codec => &[Codes],
             StageKind::Encoder => &[Text, Image, Pcm],
             StageKind::Router => &PayloadKind::ALL,
         }
     }
 
     /// What a stage produces when its `outputs` field is left out: everything it can produce.
+    /// (An `llm` stage makes codes only as a talker; the loader adds them when it has a
+    /// `[stage.talker]` table.)
     pub fn default_outputs(self) -> Vec<PayloadKind> {
-        self.produces().to_vec()
+        self.produces()
+            .iter()
+            .copied()
+            .filter(|p| !(self == StageKind::Llm && *p == PayloadKind::Codes))
+            .collect()
     }
 }
 

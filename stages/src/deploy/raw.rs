@@ -51,6 +51,7 @@ pub(super) const STAGE_FIELDS: &[(&str, FieldTy)] = &[
     ("outputs", FieldTy::CsvList),
     ("sampling", FieldTy::Table),
     ("image", FieldTy::Table),
+    ("talker", FieldTy::Table),
     ("process", FieldTy::Bool),
 ];
 
@@ -69,7 +70,7 @@ pub(super) const SAMPLING_FIELDS: &[(&str, FieldTy)] = &[
 
 const TOP_FIELDS: &[&str] = &["name", "stage", "edge", "outputs"];
 const EDGE_FIELDS: &[&str] = &["from", "to", "carries", "connector", "stream"];
-const STREAM_FIELDS: &[&str] = &["chunk"];
+const STREAM_FIELDS: &[&str] = &["chunk", "buffer"];
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -100,6 +101,7 @@ pub(super) struct RawStage {
     outputs: Option<Vec<String>>,
     sampling: Option<Map<String, Value>>,
     image: Option<Map<String, Value>>,
+    talker: Option<Map<String, Value>>,
     process: Option<bool>,
 }
 
@@ -131,6 +133,7 @@ pub(super) struct RawEdge {
 #[serde(deny_unknown_fields)]
 pub(super) struct RawStream {
     chunk: Option<usize>,
+    buffer: Option<usize>,
 }
 
 /// Parses `text` as TOML with the `config` crate, applies the environment overrides in `env` with
@@ -276,7 +279,8 @@ fn stage(n: usize, value: &Value, file: &str, base_dir: &Path) -> Result<StageSp
             })?,
         None => DeviceSpec::default(),
     };
-    let outputs = match r.outputs {
+    let outputs_given = r.outputs.is_some();
+    let mut outputs = match r.outputs {
         Some(list) => {
             let mut out = Vec::new();
             for p in &list {
@@ -314,6 +318,29 @@ fn stage(n: usize, value: &Value, file: &str, base_dir: &Path) -> Result<StageSp
         Some(m) => super::image::parse(&m, file, &site)?,
         None => ImageSettings::default(),
     };
+    let talker = r
+        .talker
+        .map(|m| super::talker::parse(&m, file, &site))
+        .transpose()?;
+    if talker.is_some() && kind != StageKind::Llm {
+        return Err(bad(
+            file,
+            &site,
+            "talker",
+            &format!("only llm stages speak; this stage is {kind}"),
+        ));
+    }
+    if talker.is_some() && !outputs_given && !outputs.contains(&PayloadKind::Codes) {
+        outputs.push(PayloadKind::Codes);
+    }
+    if talker.is_none() && outputs.contains(&PayloadKind::Codes) {
+        return Err(bad(
+            file,
+            &site,
+            "outputs",
+            "codes come from a talker: add a [stage.talker] table saying how its tokens map to codec codes",
+        ));
+    }
     let (batch, tokens) = (
         r.max_batch_size.unwrap_or(32),
         r.max_batched_tokens.unwrap_or(2048),
@@ -362,6 +389,7 @@ fn stage(n: usize, value: &Value, file: &str, base_dir: &Path) -> Result<StageSp
         outputs,
         sampling,
         image,
+        talker,
         process: r.process.unwrap_or(false),
         id,
     })
@@ -456,11 +484,20 @@ fn edge(n: usize, value: &Value, file: &str) -> Result<EdgeSpec, DeployError> {
     };
     let stream = match r.stream {
         None | Some(Value::Bool(false)) => None,
-        Some(Value::Bool(true)) => Some(StreamSpec { chunk: 1 }),
+        Some(Value::Bool(true)) => Some(StreamSpec {
+            chunk: 1,
+            buffer: StreamSpec::DEFAULT_BUFFER,
+        }),
         Some(Value::Object(m)) => {
             let s: RawStream = parse_table(&m, file, &site, "stream.", STREAM_FIELDS)?;
             Some(StreamSpec {
                 chunk: at_least_one(s.chunk.unwrap_or(1), file, &site, "stream.chunk")?,
+                buffer: at_least_one(
+                    s.buffer.unwrap_or(StreamSpec::DEFAULT_BUFFER),
+                    file,
+                    &site,
+                    "stream.buffer",
+                )?,
             })
         }
         Some(_) => {

@@ -65,6 +65,18 @@ pub(super) fn text(g: &DeployGraph) -> String {
             }
             _ => {}
         }
+        if let Some(t) = &s.talker {
+            let _ = writeln!(
+                out,
+                "    talker:   frames of {} codec tokens (levels {:?}) from id {}, codebooks of {}, ends at {:?}",
+                t.frame_layout.len(),
+                t.frame_layout,
+                t.codec_token_offset,
+                t.codebook_size,
+                t.end_token_ids
+            );
+            let _ = writeln!(out, "    voices:   {}", t.voice_names());
+        }
         let sampling = sampling_text(&s.sampling);
         if !sampling.is_empty() {
             let _ = writeln!(out, "    sampling: {sampling}");
@@ -74,7 +86,7 @@ pub(super) fn text(g: &DeployGraph) -> String {
     for (i, e) in g.edges.iter().enumerate() {
         let stream = e.stream.map_or_else(
             || "not streamed".to_string(),
-            |s| format!("stream chunk={}", s.chunk),
+            |s| format!("stream chunk={} buffer={}", s.chunk, s.buffer),
         );
         let _ = writeln!(
             out,
