@@ -19,7 +19,7 @@
 //! that can admit in place.
 
 use crate::limits::BatchLimits;
-use omnistage_stages::{EngineError, JobId, StageInput, StepWork};
+use omnistage_stages::{EngineError, JobId, Payload, StageInput, StepWork};
 use std::collections::VecDeque;
 use std::time::Instant;
 
@@ -124,6 +124,16 @@ struct Running {
     job: JobId,
     /// Input tokens still to process, as last reported by the engine (0 = decoding).
     pending: usize,
+    /// The engine waits for more streamed input before this job can progress.
+    awaiting: bool,
+    /// Its consumer lags: the job gets no share until released (streamed edge backpressure).
+    held: bool,
+}
+
+impl Running {
+    fn can_step(&self) -> bool {
+        !self.awaiting && !self.held
+    }
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -205,14 +215,22 @@ impl BatchState {
     pub fn plan(&mut self, now: Instant) -> StepPlan {
         let mut budget = self.limits.max_batched_tokens;
         let mut work = Vec::with_capacity(self.running.len());
-        for r in self.running.iter().filter(|r| r.pending == 0) {
+        for r in self
+            .running
+            .iter()
+            .filter(|r| r.pending == 0 && r.can_step())
+        {
             work.push(StepWork {
                 job: r.job,
                 token_budget: 1,
             });
             budget = budget.saturating_sub(1);
         }
-        for r in self.running.iter().filter(|r| r.pending > 0) {
+        for r in self
+            .running
+            .iter()
+            .filter(|r| r.pending > 0 && r.can_step())
+        {
             if budget == 0 {
                 break;
             }
@@ -285,6 +303,8 @@ impl BatchState {
         self.running.push(Running {
             job,
             pending: prefill,
+            awaiting: false,
+            held: false,
         });
         let share = prefill.max(1).min(plan.budget_left);
         if share > 0 {
@@ -323,6 +343,50 @@ impl BatchState {
         if let Some(r) = self.running.iter_mut().find(|r| r.job == job) {
             r.pending = pending;
         }
+    }
+
+    /// Records whether the engine waits for more streamed input for `job` (no share until it
+    /// arrives). Returns whether the job is running.
+    pub fn set_awaiting(&mut self, job: JobId, awaiting: bool) -> bool {
+        self.running
+            .iter_mut()
+            .find(|r| r.job == job)
+            .map(|r| r.awaiting = awaiting)
+            .is_some()
+    }
+
+    /// Holds a running job back (no share in any step) or lets it go again: a streamed edge's
+    /// consumer has too much of its output buffered. Returns whether the job is running.
+    pub fn set_held(&mut self, job: JobId, held: bool) -> bool {
+        self.running
+            .iter_mut()
+            .find(|r| r.job == job)
+            .map(|r| r.held = held)
+            .is_some()
+    }
+
+    /// Appends streamed input to a job that still waits in the queue (joined to the upstream
+    /// payload of the same kind, so the engine sees one whole value at admission). Returns `false` when the job does not wait here.
+    pub fn extend_waiting(&mut self, job: JobId, more: &[Payload], last: bool) -> bool {
+        let Some(w) = self.waiting.iter_mut().find(|w| w.job == job) else {
+            return false;
+        };
+        for p in more {
+            let same = w.input.upstream.iter_mut().find(|u| u.kind() == p.kind());
+            match same.and_then(|u| Some((Payload::concat(&[u.clone(), p.clone()])?, u))) {
+                Some((joined, slot)) => *slot = joined,
+                None => w.input.upstream.push(p.clone()),
+            }
+        }
+        if last {
+            w.input.streaming = false;
+        }
+        true
+    }
+
+    /// Whether `job` is being admitted right now.
+    pub fn is_admitting(&self, job: JobId) -> bool {
+        self.admitting.iter().any(|a| a.job == job && !a.cancelled)
     }
 
     /// Removes a job that finished or failed from the running set. Returns whether it was running.

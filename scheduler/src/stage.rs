@@ -11,7 +11,7 @@ use crate::limits::BatchLimits;
 use crate::observer::StageObserver;
 use crate::policy::{AdmitOutcome, BatchState, CancelOutcome, StepPlan};
 use omnistage_stages::{
-    EngineError, EngineStats, JobId, StageEngine, StageEvent, StageInput, StepWork,
+    EngineError, EngineStats, JobId, Payload, StageEngine, StageEvent, StageInput, StepWork,
 };
 use std::any::Any;
 use std::collections::HashSet;
@@ -74,6 +74,9 @@ struct Queue {
     batch: BatchState,
     /// Running jobs cancelled since the thread last looked; it releases them before its next step.
     to_release: Vec<JobId>,
+    /// Streamed input for running jobs, in arrival order; the thread hands it to the engine
+    /// before its next step.
+    to_feed: Vec<(JobId, Vec<Payload>, bool)>,
     /// Shutdown requested.
     stopping: bool,
     /// The thread has exited.
@@ -111,6 +114,7 @@ pub fn spawn_stage<E: StageEngine>(
         queue: Mutex::new(Queue {
             batch: BatchState::new(limits),
             to_release: Vec::new(),
+            to_feed: Vec::new(),
             stopping: false,
             stopped: false,
             engine_stats: engine.stats(),
@@ -181,6 +185,36 @@ impl StageHandle {
         }
         drop(queue);
         if found {
+            shared.wake.notify_one();
+        }
+        found
+    }
+
+    /// More input for a job on a streamed edge (`last`: nothing more follows). A job still in
+    /// the queue gets it joined to its input; a running job gets it through
+    /// [`StageEngine::feed`] before the stage's next step. Never blocks on compute. Returns
+    /// whether the job is at this stage (input for a job that already ended is dropped).
+    pub fn feed(&self, job: JobId, more: Vec<Payload>, last: bool) -> bool {
+        let shared = &self.inner.shared;
+        let mut queue = shared.lock();
+        if queue.batch.extend_waiting(job, &more, last) {
+            return true;
+        }
+        if !queue.batch.is_running(job) && !queue.batch.is_admitting(job) {
+            return false;
+        }
+        queue.to_feed.push((job, more, last));
+        drop(queue);
+        shared.wake.notify_one();
+        true
+    }
+
+    /// Holds a running job back from every step (`held`), or lets it run again: the consumer of
+    /// its streamed output has too much of it buffered. Returns whether the job runs here.
+    pub fn hold(&self, job: JobId, held: bool) -> bool {
+        let shared = &self.inner.shared;
+        let found = shared.lock().batch.set_held(job, held);
+        if found && !held {
             shared.wake.notify_one();
         }
         found
@@ -283,8 +317,15 @@ impl<E: StageEngine> Worker<E> {
         let shared = Arc::clone(&self.shared);
         let _stopped = MarkStopped(&shared);
         tracing::debug!(stage = %shared.name, "stage thread started");
-        while let Some((releases, plan)) = self.wait_for_work() {
+        while let Some((releases, feeds, plan)) = self.wait_for_work() {
             self.release(&releases);
+            let plan = if feeds.is_empty() {
+                plan
+            } else {
+                // Fed jobs may be runnable now: plan again with their new state.
+                self.feed(feeds);
+                self.shared.lock().batch.plan(Instant::now())
+            };
             let work = self.admit_waiting(plan);
             if !work.is_empty() {
                 self.step(work);
@@ -296,7 +337,10 @@ impl<E: StageEngine> Worker<E> {
 
     /// Blocks until there is something to do: cancelled jobs to release, or a step to form.
     /// `None` once shutdown is requested.
-    fn wait_for_work(&mut self) -> Option<(Vec<JobId>, StepPlan)> {
+    #[allow(clippy::type_complexity)]
+    fn wait_for_work(
+        &mut self,
+    ) -> Option<(Vec<JobId>, Vec<(JobId, Vec<Payload>, bool)>, StepPlan)> {
         let mut queue = self.shared.lock();
         loop {
             if queue.stopping {
@@ -305,8 +349,16 @@ impl<E: StageEngine> Worker<E> {
             let now = Instant::now();
             let plan = queue.batch.plan(now);
             let can_admit = plan.hold_until().is_none() && queue.batch.waiting_len() > 0;
-            if !queue.to_release.is_empty() || !plan.work().is_empty() || can_admit {
-                return Some((std::mem::take(&mut queue.to_release), plan));
+            if !queue.to_release.is_empty()
+                || !queue.to_feed.is_empty()
+                || !plan.work().is_empty()
+                || can_admit
+            {
+                return Some((
+                    std::mem::take(&mut queue.to_release),
+                    std::mem::take(&mut queue.to_feed),
+                    plan,
+                ));
             }
             queue = match plan.hold_until() {
                 Some(until) => {
@@ -338,6 +390,55 @@ impl<E: StageEngine> Worker<E> {
         self.shared.lock().engine_stats = stats;
     }
 
+    /// Hands streamed input to the engine (outside the lock) and records whether each fed job
+    /// still waits for more. A refused feed fails the job.
+    fn feed(&mut self, feeds: Vec<(JobId, Vec<Payload>, bool)>) {
+        for (job, more, last) in feeds {
+            if !self.shared.lock().batch.is_running(job) {
+                continue; // Ended or cancelled meanwhile.
+            }
+            let outcome = catch_unwind(AssertUnwindSafe(|| self.engine.feed(job, more, last)));
+            let failure = match outcome {
+                Ok(Ok(())) => None,
+                Ok(Err(err)) => Some((err, false)),
+                Err(payload) => {
+                    let msg = panic_message(payload.as_ref());
+                    tracing::error!(stage = %self.shared.name, %job, panic = %msg, "engine panicked in feed");
+                    let err = EngineError::Compute(format!(
+                        "stage '{}': engine panicked while taking streamed input: {msg}",
+                        self.shared.name
+                    ));
+                    Some((err, true))
+                }
+            };
+            match failure {
+                None => {
+                    let awaiting = self.engine.awaiting_input(job);
+                    self.shared.lock().batch.set_awaiting(job, awaiting);
+                }
+                Some((err, panicked)) => {
+                    self.engine.release(job);
+                    let ended = {
+                        let mut queue = self.shared.lock();
+                        let ended = queue.batch.finish(job);
+                        self.shared.queue_changed(&queue);
+                        ended
+                    };
+                    if ended {
+                        self.shared.observer.job_failed(if panicked {
+                            "panic"
+                        } else {
+                            failure_reason(&err)
+                        });
+                        (self.sink)(job, StageEvent::Failed(err));
+                    }
+                }
+            }
+        }
+        let stats = self.engine.stats();
+        self.shared.lock().engine_stats = stats;
+    }
+
     /// Admits waiting jobs into `plan` one by one (engine calls outside the lock) and returns the
     /// step's work, less any job cancelled meanwhile.
     fn admit_waiting(&mut self, mut plan: StepPlan) -> Vec<StepWork> {
@@ -351,8 +452,10 @@ impl<E: StageEngine> Worker<E> {
             match outcome {
                 AdmitOutcome::Admitted => {
                     drop(queue);
+                    let awaiting = self.engine.awaiting_input(job);
                     (self.sink)(job, StageEvent::Admitted);
                     queue = self.shared.lock();
+                    queue.batch.set_awaiting(job, awaiting);
                 }
                 AdmitOutcome::Rejected(err) => {
                     drop(queue);
@@ -444,7 +547,8 @@ impl<E: StageEngine> Worker<E> {
             .iter()
             .map(|w| w.job)
             .filter(|job| !ended.contains(job));
-        let (failed, pending): (Vec<JobId>, Vec<(JobId, usize)>) = if failure.is_some() {
+        #[allow(clippy::type_complexity)]
+        let (failed, pending): (Vec<JobId>, Vec<(JobId, usize, bool)>) = if failure.is_some() {
             let failed: Vec<JobId> = unended.collect();
             for &job in &failed {
                 self.engine.release(job);
@@ -452,7 +556,10 @@ impl<E: StageEngine> Worker<E> {
             (failed, Vec::new())
         } else {
             let pending = unended
-                .map(|job| (job, self.engine.pending_input(job)))
+                .map(|job| {
+                    let e = &self.engine;
+                    (job, e.pending_input(job), e.awaiting_input(job))
+                })
                 .collect();
             (Vec::new(), pending)
         };
@@ -486,8 +593,9 @@ impl<E: StageEngine> Worker<E> {
                     }
                 }
             }
-            for (job, n) in pending {
+            for (job, n, awaiting) in pending {
                 queue.batch.set_pending(job, n);
+                queue.batch.set_awaiting(job, awaiting);
             }
             self.shared.queue_changed(&queue);
         }

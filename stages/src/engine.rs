@@ -108,7 +108,10 @@ pub trait StageEngine: Send + 'static {
     }
 
     /// Whether the job cannot progress until more streamed input arrives: the scheduler gives
-    /// it no share of a step until [`feed`](StageEngine::feed) brings some.
+    /// it no share of a step until [`feed`](StageEngine::feed) brings some. An engine reports
+    /// `true` only once it has emitted [`StageEvent::Consumed`] for all the input it took (else
+    /// its producer, held back on that credit, would never be released), and a step that still
+    /// includes a waiting job (admitted in the same step) must simply skip it.
     fn awaiting_input(&self, job: JobId) -> bool {
         let _ = job;
         false
