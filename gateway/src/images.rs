@@ -206,6 +206,7 @@ pub async fn images_generations(
             SamplingParams::default(),
             vec![Modality::Image],
             Some(params),
+            None,
         )
     })();
     let mut job = match prepared {
@@ -233,7 +234,7 @@ async fn images_response(state: &AppState, job: &mut crate::orchestrator::JobStr
                     ))
                 }
             },
-            Some(JobEvent::Text { .. }) => {}
+            Some(JobEvent::Text { .. } | JobEvent::Audio(_)) => {}
             Some(JobEvent::Finished { usage, .. }) => {
                 return Json(json!({
                     "created": unix_now(),

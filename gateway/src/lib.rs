@@ -6,7 +6,9 @@
 //! (`omnistage_scheduler`).
 
 pub mod app;
+pub mod audio;
 pub mod bench;
+pub mod chat;
 pub mod images;
 pub mod metrics;
 pub mod openai;

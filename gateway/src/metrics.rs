@@ -42,12 +42,18 @@ pub mod names {
     pub const ERRORS_TOTAL: &str = "omnistage_errors_total";
     pub const CONNECTOR_BYTES_TOTAL: &str = "omnistage_connector_bytes_total";
     pub const CONNECTOR_TRANSFER_SECONDS: &str = "omnistage_connector_transfer_seconds";
+    pub const CONNECTOR_CHUNKS_TOTAL: &str = "omnistage_connector_chunks_total";
+    pub const TIME_TO_FIRST_AUDIO_SECONDS: &str = "omnistage_time_to_first_audio_seconds";
+    pub const AUDIO_SECONDS_TOTAL: &str = "omnistage_audio_seconds_total";
+    pub const AUDIO_REAL_TIME_FACTOR: &str = "omnistage_audio_real_time_factor";
+    pub const STAGE_AUDIO_SAMPLES_TOTAL: &str = "omnistage_stage_audio_samples_total";
 }
 
 const LATENCY_BUCKETS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
 ];
 const BATCH_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0];
+const RTF_BUCKETS: &[f64] = &[0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 10.0];
 const OCCUPANCY_BUCKETS: &[f64] = &[0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0];
 
 /// The server's metrics.
@@ -71,6 +77,7 @@ pub struct Metrics {
     denoise_forwards: IntCounterVec,
     denoise_rows: IntCounterVec,
     images: IntCounterVec,
+    audio_samples: IntCounterVec,
     /// Engine counters as last seen, so Prometheus counters advance by the difference.
     last_engine: Mutex<HashMap<(String, usize), EngineStats>>,
     stage_failures: IntCounterVec,
@@ -81,6 +88,10 @@ pub struct Metrics {
     pub errors: IntCounterVec,
     connector_bytes: IntCounterVec,
     connector_seconds: HistogramVec,
+    connector_chunks: IntCounterVec,
+    ttfp: HistogramVec,
+    audio_seconds: prometheus::Counter,
+    rtf: HistogramVec,
 }
 
 fn gauge(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
@@ -259,6 +270,42 @@ impl Metrics {
                 "Images decoded (rate = images/s).",
                 sr,
             ),
+            audio_samples: counter(
+                &r,
+                STAGE_AUDIO_SAMPLES_TOTAL,
+                "PCM samples decoded by codec stages.",
+                sr,
+            ),
+            connector_chunks: counter(
+                &r,
+                CONNECTOR_CHUNKS_TOTAL,
+                "Deliveries across edges: whole payloads, or chunks of streamed edges.",
+                &["edge"],
+            ),
+            ttfp: histogram(
+                &r,
+                TIME_TO_FIRST_AUDIO_SECONDS,
+                "Time to the first audio packet sent to the client (TTFP).",
+                &[],
+                LATENCY_BUCKETS,
+            ),
+            audio_seconds: {
+                let c = prometheus::Counter::new(
+                    AUDIO_SECONDS_TOTAL,
+                    "Seconds of audio produced for clients.",
+                )
+                .expect("static metric definition");
+                r.register(Box::new(c.clone()))
+                    .expect("metric names are unique");
+                c
+            },
+            rtf: histogram(
+                &r,
+                AUDIO_REAL_TIME_FACTOR,
+                "Real-time factor of requests with audio: job time / audio duration.",
+                &[],
+                RTF_BUCKETS,
+            ),
             requests: counter(&r, REQUESTS_TOTAL, "Requests by outcome.", &["outcome"]),
             errors: counter(&r, ERRORS_TOTAL, "Errors by reason.", &["reason"]),
             connector_bytes: counter(
@@ -357,6 +404,11 @@ impl Metrics {
                 before.denoise_rows_total,
             ),
             (&self.images, now.images_total, before.images_total),
+            (
+                &self.audio_samples,
+                now.audio_samples_total,
+                before.audio_samples_total,
+            ),
         ] {
             if now > 0 {
                 counter
@@ -428,6 +480,19 @@ impl JobObserver for Metrics {
             .observe(since_start.as_secs_f64());
     }
 
+    fn first_audio(&self, since_start: Duration) {
+        self.ttfp
+            .with_label_values::<&str>(&[])
+            .observe(since_start.as_secs_f64());
+    }
+
+    fn audio_done(&self, audio_seconds: f64, real_time_factor: Option<f64>) {
+        self.audio_seconds.inc_by(audio_seconds.max(0.0));
+        if let Some(rtf) = real_time_factor {
+            self.rtf.with_label_values::<&str>(&[]).observe(rtf);
+        }
+    }
+
     fn finished(&self, outcome: &str, since_start: Duration) {
         self.request_seconds
             .with_label_values(&[outcome])
@@ -442,5 +507,6 @@ impl JobObserver for Metrics {
         self.connector_seconds
             .with_label_values(&[edge])
             .observe(seconds);
+        self.connector_chunks.with_label_values(&[edge]).inc();
     }
 }

@@ -209,6 +209,8 @@ pub struct ChatCompletionRequest {
     /// Image options when `modalities` includes `"image"` (our extension; the fields of
     /// `/v1/images/generations` other than `prompt`).
     pub image: Option<crate::images::ImageFields>,
+    /// Voice and format when `modalities` includes `"audio"` (OpenAI's shape).
+    pub audio: Option<crate::audio::AudioFields>,
     #[serde(flatten)]
     pub sampling: SamplingFields,
 }

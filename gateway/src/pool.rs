@@ -1,7 +1,7 @@
 //! A stage's replicas in this process, load-balanced least-loaded-first.
 
 use omnistage_scheduler::{StageHandle, StageStats, SubmitError};
-use omnistage_stages::{JobId, StageInput};
+use omnistage_stages::{JobId, Payload, StageInput};
 
 /// Replicas of one stage; each has its own engine, thread and queue.
 pub struct StagePool {
@@ -42,6 +42,20 @@ impl StagePool {
         if let Some(r) = self.replicas.get(replica) {
             r.cancel(job);
         }
+    }
+
+    /// Streamed input for a job on `replica` (see [`StageHandle::feed`]).
+    pub fn feed(&self, replica: usize, job: JobId, more: Vec<Payload>, last: bool) -> bool {
+        self.replicas
+            .get(replica)
+            .is_some_and(|r| r.feed(job, more, last))
+    }
+
+    /// Holds a job on `replica` back, or lets it go (see [`StageHandle::hold`]).
+    pub fn hold(&self, replica: usize, job: JobId, held: bool) -> bool {
+        self.replicas
+            .get(replica)
+            .is_some_and(|r| r.hold(job, held))
     }
 
     /// Stats of every replica.

@@ -148,15 +148,10 @@ pub fn start(
             from,
             to,
             carries: e.carries,
+            stream: e.stream,
             label,
             connector,
         });
-    }
-    for e in graph.edges.iter().filter(|e| e.stream.is_some()) {
-        tracing::warn!(
-            edge = %format!("{}->{}", e.from, e.to),
-            "`stream` is validated but not yet honoured: the edge delivers its payload when the producer finishes"
-        );
     }
     let mut pools = Vec::new();
     for (index, spec) in graph.stages.iter().enumerate() {

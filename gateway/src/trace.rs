@@ -27,10 +27,11 @@ pub struct StageTrace {
     pub compute_ms: Option<f64>,
 }
 
-/// One edge delivery of a job.
+/// What one edge moved for a job: one delivery, or every chunk of a streamed edge summed.
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct EdgeTrace {
     pub edge: String,
+    pub chunks: usize,
     pub bytes: usize,
     pub transfer_ms: f64,
 }
@@ -49,8 +50,13 @@ pub struct JobTrace {
     pub graph_wait_ms: f64,
     /// Job completion time.
     pub jct_ms: f64,
-    /// First client-visible output (text token or image).
+    /// First client-visible output (text token, image or audio).
     pub first_output_ms: Option<f64>,
+    /// First audio packet (time to first packet, TTFP).
+    pub first_audio_ms: Option<f64>,
+    /// Seconds of audio produced, and job time ÷ audio duration (real-time factor).
+    pub audio_seconds: Option<f64>,
+    pub real_time_factor: Option<f64>,
     pub stages: Vec<StageTrace>,
     pub edges: Vec<EdgeTrace>,
 }
@@ -75,6 +81,9 @@ impl TraceBuilder {
                 graph_wait_ms: 0.0,
                 jct_ms: 0.0,
                 first_output_ms: None,
+                first_audio_ms: None,
+                audio_seconds: None,
+                real_time_factor: None,
                 stages: Vec::new(),
                 edges: Vec::new(),
             },
@@ -138,9 +147,26 @@ impl TraceBuilder {
         }
     }
 
+    pub fn first_audio(&mut self) {
+        let now = self.now();
+        self.trace.first_audio_ms.get_or_insert(now);
+    }
+
+    pub fn audio(&mut self, seconds: f64, real_time_factor: Option<f64>) {
+        self.trace.audio_seconds = Some(seconds);
+        self.trace.real_time_factor = real_time_factor;
+    }
+
     pub fn transfer(&mut self, edge: &str, bytes: usize, seconds: f64) {
+        if let Some(e) = self.trace.edges.iter_mut().find(|e| e.edge == edge) {
+            e.chunks += 1;
+            e.bytes += bytes;
+            e.transfer_ms += seconds * 1e3;
+            return;
+        }
         self.trace.edges.push(EdgeTrace {
             edge: edge.to_string(),
+            chunks: 1,
             bytes,
             transfer_ms: seconds * 1e3,
         });
