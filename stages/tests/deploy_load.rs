@@ -437,6 +437,18 @@ fn shipped_deployment_files_parse() {
         );
     }
 
+    let (path, text) = shipped("orpheus-tts.toml");
+    let g = DeployGraph::from_toml_str(&text, &path, Path::new("/x"), &[]).unwrap();
+    let talker = g.stage("talker").unwrap().talker.as_ref().unwrap();
+    assert_eq!(talker.canonical_slots(), vec![0, 1, 3, 4, 2, 5, 6]);
+    assert_eq!(talker.voices["default"], "tara");
+    assert_eq!(g.edges[0].carries, PayloadKind::Codes);
+    assert_eq!(g.edges[0].stream.map(|s| s.chunk), Some(4));
+    assert_eq!(
+        g.output_stage(Modality::Audio).map(|s| s.id.as_str()),
+        Some("codec")
+    );
+
     let (path, text) = shipped("qwen2.5-0.5b.toml");
     let base = path.parent().unwrap();
     let g = DeployGraph::from_toml_str(&text, &path, base, &[]).unwrap();
