@@ -1,11 +1,12 @@
 //! The LLM stage engine driven step by step, as the scheduler drives it: batching does not change
-//! greedy tokens, hidden states come out when asked, limits and stops hold, release frees memory.
+//! greedy tokens, hidden states come out when asked (one row per generated token), limits and
+//! stops hold, release frees memory.
 
 use candle_core::{DType, Device};
 use omnistage_engines::llm::engine::{LlmEngine, LlmEngineSettings};
 use omnistage_stages::{
-    FinishReason, JobId, JobRequest, Modality, Payload, Prompt, SamplingParams, StageEngine,
-    StageEvent, StageInput, StepWork,
+    FinishReason, JobId, JobRequest, Modality, Payload, PayloadKind, Prompt, SamplingParams,
+    StageEngine, StageEvent, StageInput, StepWork,
 };
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -56,6 +57,8 @@ struct Outcome {
     text: String,
     hidden_rows: usize,
     hidden_dim: usize,
+    /// Output events with hidden rows whose count differs from their token count.
+    unpaired_events: usize,
     finish: Option<FinishReason>,
 }
 
@@ -92,6 +95,17 @@ fn run(
                 let o = out.entry(job).or_default();
                 match ev {
                     StageEvent::Output(payloads) => {
+                        let count = |k| {
+                            payloads
+                                .iter()
+                                .filter(|p| p.kind() == k)
+                                .map(Payload::units)
+                                .sum::<usize>()
+                        };
+                        let (t, h) = (count(PayloadKind::Tokens), count(PayloadKind::Hidden));
+                        if h > 0 && h != t {
+                            o.unpaired_events += 1;
+                        }
                         for p in payloads {
                             match p {
                                 Payload::Tokens(t) => o.tokens.extend_from_slice(&t),
@@ -157,19 +171,24 @@ fn batched_and_chunked_runs_give_each_prompt_its_solo_tokens() {
 }
 
 #[test]
-fn hidden_states_cover_every_token_fed_to_the_model() {
+fn hidden_states_come_one_row_per_generated_token() {
     let (_dir, mut e) = engine(true);
     let hidden_size = e.model().config().hidden_size;
-    let prompt_len = e.tokenizer().encode("Hello there", true).unwrap().len();
+    // Prefilled 2 tokens a step: prompt chunks send no rows.
     let r = run(
         &mut e,
-        vec![(0, JobId(1), input("Hello there", greedy(5)))],
-        4096,
+        vec![(0, JobId(1), input("Hello there, how are you", greedy(5)))],
+        2,
     );
     let o = &r[&JobId(1)];
     assert_eq!(o.hidden_dim, hidden_size);
-    // The prompt, then every generated token but the last (never fed back).
-    assert_eq!(o.hidden_rows, prompt_len + 5 - 1);
+    // The last prompt position's row for the first token, then each decode position's.
+    assert_eq!(o.tokens.len(), 5);
+    assert_eq!(o.hidden_rows, 5);
+    assert_eq!(
+        o.unpaired_events, 0,
+        "each row comes in its token's output event"
+    );
 }
 
 #[test]
@@ -204,4 +223,28 @@ fn stops_limits_and_release() {
     e.release(JobId(4));
     assert_eq!(e.state_bytes(), 0);
     assert_eq!(e.active_sequences(), 0);
+}
+
+#[test]
+fn speaking_forces_the_text_as_the_output_with_one_hidden_row_per_token() {
+    let (_dir, mut e) = engine(true);
+    let text = "the quick brown fox";
+    let expected = e.tokenizer().encode(text, false).unwrap();
+    let mut speak = input(
+        "",
+        SamplingParams {
+            temperature: Some(1.0),
+            max_tokens: Some(2),
+            stop: vec!["fox".into()],
+            ..Default::default()
+        },
+    );
+    Arc::make_mut(&mut speak.request).prompt = Prompt::Speak(text.into());
+    let out = run(&mut e, vec![(0, JobId(1), speak)], 64);
+    let o = &out[&JobId(1)];
+    // Whatever the sampler, limit or stop strings say, the output is the text, then it stops.
+    assert_eq!(o.tokens, expected);
+    assert_eq!(o.text, text);
+    assert_eq!(o.hidden_rows, expected.len());
+    assert_eq!(o.finish, Some(FinishReason::Stop));
 }

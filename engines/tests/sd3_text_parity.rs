@@ -364,6 +364,7 @@ fn factory_builds_sd3_encoders_from_a_clip_text_encoder() {
         let wiring = StageWiring {
             received: Vec::new(),
             consumed: graph.outbound("encoder").map(|e| e.carries).collect(),
+            ..StageWiring::default()
         };
         if let Err(e) = build_engine(spec, &wiring) {
             panic!("{}: {e}", model.display());

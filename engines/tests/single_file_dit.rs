@@ -361,6 +361,7 @@ fn wiring(graph: &DeployGraph, id: &str) -> StageWiring {
     StageWiring {
         received: graph.inbound(id).map(|e| e.carries).collect(),
         consumed: graph.outbound(id).map(|e| e.carries).collect(),
+        ..StageWiring::default()
     }
 }
 

@@ -65,7 +65,26 @@ fn same_seed_is_byte_identical_and_seed_changes_weights() {
             "{component} differs between two runs with the same seed"
         );
     }
-    assert_eq!(ma.files().count(), FILES.len() + image.files.len());
+    // The speech branch: a talker (tokenizer, config, weights with the thinker projection) and
+    // a SNAC codec, each byte-identical for a seed.
+    let talker = ma.checkpoint("talker").expect("talker checkpoint");
+    let codec = ma.checkpoint("codec").expect("codec checkpoint");
+    assert_eq!(talker.dir, a.path().join("tiny-omni/talker"));
+    assert_eq!(codec.dir, a.path().join("tiny-omni/codec"));
+    for file in talker.files.iter().chain(&codec.files) {
+        let rel = file.strip_prefix(a.path()).unwrap();
+        assert_eq!(
+            read(&a.path().join(rel)),
+            read(&b.path().join(rel)),
+            "{} differs between two runs with the same seed",
+            rel.display()
+        );
+    }
+    assert!(codec.files.iter().any(|f| f.ends_with("config.json")));
+    assert_eq!(
+        ma.files().count(),
+        FILES.len() + image.files.len() + talker.files.len() + codec.files.len()
+    );
 
     for name in FILES {
         let rel = Path::new("tiny-omni/thinker").join(name);
@@ -82,7 +101,7 @@ fn same_seed_is_byte_identical_and_seed_changes_weights() {
         }
     }
     assert_eq!(mb.root, b.path().join("tiny-omni"));
-    assert_eq!(mc.checkpoints.len(), 2);
+    assert_eq!(mc.checkpoints.len(), 4);
 }
 
 #[test]

@@ -171,6 +171,8 @@ pub fn start(
                 .filter(|e| e.from == spec.id)
                 .map(|e| e.carries)
                 .collect(),
+            codec_levels: upstream_talker(&graph, &spec.id).map(|t| t.canonical_levels()),
+            codebook_size: upstream_talker(&graph, &spec.id).map(|t| t.codebook_size),
         };
         let mut replicas = Vec::new();
         for replica in 0..spec.replicas {
@@ -209,4 +211,16 @@ pub fn start(
     });
     let _ = slot.orchestrator.set(orch.clone());
     Ok(orch)
+}
+
+/// The talker feeding stage `id` directly, if any.
+fn upstream_talker<'g>(
+    graph: &'g omnistage_stages::deploy::DeployGraph,
+    id: &str,
+) -> Option<&'g omnistage_stages::deploy::TalkerSettings> {
+    graph
+        .edges
+        .iter()
+        .filter(|e| e.to == id)
+        .find_map(|e| graph.stage(&e.from)?.talker.as_ref())
 }

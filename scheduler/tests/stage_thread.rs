@@ -93,7 +93,7 @@ impl Drop for TestEngine {
 impl StageEngine for TestEngine {
     fn admit(&mut self, job: JobId, input: StageInput) -> Result<usize, EngineError> {
         let prompt_len = match &input.request.prompt {
-            Prompt::Completion(text) => text.len(),
+            Prompt::Completion(text) | Prompt::Speak(text) => text.len(),
             Prompt::Tokens(ids) => ids.len(),
             Prompt::Chat(_) => 0,
         };

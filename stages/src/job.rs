@@ -57,6 +57,10 @@ pub enum Prompt {
     Completion(String),
     /// Token ids, used as is (`/v1/completions` with a list of integers as its prompt).
     Tokens(Vec<u32>),
+    /// Text to be spoken verbatim (`/v1/audio/speech`): an LLM stage "generates" exactly its
+    /// tokens (teacher-forced), so a talker conditioned on its hidden states speaks this text; a
+    /// text-prompted talker speaks it directly.
+    Speak(String),
 }
 
 /// Per-request sampling settings. `None` means "the stage's default from the TOML, else the
@@ -128,7 +132,8 @@ pub struct ImageParams {
 pub struct AudioParams {
     /// A voice the talker stage declares (`default` always exists).
     pub voice: String,
-    /// Seed of the codec's noise (and of nothing else); the same seed gives the same samples.
+    /// Seed of the talker's sampler and the codec's noise: the same seed gives the same codes and
+    /// samples, streamed or not.
     pub seed: u64,
 }
 

@@ -3,3 +3,6 @@
 //! Every codec implements [`codec::Codec`]; the codec stage engine drives any of them.
 
 pub mod codec;
+pub mod mimi;
+pub mod snac;
+pub mod stage;

@@ -1,6 +1,8 @@
 //! Builds the engine a stage of the deployment file asks for.
 
+pub mod audio;
 mod image;
+mod talker;
 
 use crate::llm::engine::{LlmEngine, LlmEngineSettings};
 use omnistage_stages::deploy::{DType, DeviceSpec, StageKind, StageSpec};
@@ -50,6 +52,10 @@ pub struct StageWiring {
     /// Payload kinds downstream stages take from it, so costly outputs (hidden states) are only
     /// computed when someone reads them.
     pub consumed: Vec<PayloadKind>,
+    /// For a codec stage: the codebook level of each canonical slot of the frames its talker
+    /// writes, and the talker's codebook size (checked against the codec at start-up).
+    pub codec_levels: Option<Vec<usize>>,
+    pub codebook_size: Option<usize>,
 }
 
 /// Payload kinds an LLM stage can turn into a prompt today.
@@ -62,17 +68,20 @@ pub fn build_engine(
 ) -> Result<Box<dyn StageEngine>, BuildError> {
     match spec.kind {
         StageKind::Llm => {
+            if let Some(talker) = &spec.talker {
+                return talker::build_talker(spec, talker, wiring);
+            }
             if let Some(kind) = wiring
                 .received
                 .iter()
                 .find(|k| !LLM_PROMPT_INPUTS.contains(k))
             {
-                // The schema allows it (a talker conditions on a thinker's hidden states), but the
-                // projection that consumes it is not built yet: refuse at start-up, not per request.
+                // Hidden states condition a talker (an `llm` stage with a [stage.talker] table);
+                // a text LLM takes text or tokens: refuse at start-up, not per request.
                 return Err(BuildError::Load {
                     stage: spec.id.clone(),
                     message: format!(
-                        "an inbound edge carries `{kind}`, which this build's LLM engine cannot take as input yet (it takes text or tokens)"
+                        "an inbound edge carries `{kind}`, which a text LLM stage cannot take as input (it takes text or tokens; add a [stage.talker] table for a talker conditioned on hidden states)"
                     ),
                 });
             }
@@ -96,6 +105,7 @@ pub fn build_engine(
         StageKind::Encoder => image::build_text_encoder(spec, wiring),
         StageKind::Dit => image::build_dit(spec, wiring),
         StageKind::Vae => image::build_vae(spec, wiring),
+        StageKind::Codec => audio::build_codec(spec, wiring),
         other => Err(BuildError::UnsupportedKind {
             stage: spec.id.clone(),
             kind: format!("{other:?}").to_lowercase(),

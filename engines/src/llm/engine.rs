@@ -1,31 +1,30 @@
 //! The LLM stage engine: continuous batching over [`LlmModel`] with a paged KV pool.
 //!
-//! The pool's blocks are managed by the scheduler crate's [`BlockManager`]: sequences that share a
-//! prompt prefix share its blocks, and when blocks run out the youngest sequence is preempted
-//! (its blocks freed, its tokens recomputed later), so a full pool delays work but never fails or
-//! corrupts a request. Older sequences are never preempted for younger ones, so the oldest always
-//! makes progress.
+//! The pool's blocks are managed by the scheduler crate's block manager (see [`super::kv`]):
+//! sequences that share a prompt prefix share its blocks, and when blocks run out the youngest
+//! sequence is preempted and recomputed later, so a full pool delays work but never fails or
+//! corrupts a request.
+//!
+//! With `emit_hidden`, each generated token comes with one `Payload::Hidden` row in the same
+//! output event: the final-norm hidden state of the position whose logits produced it (the last
+//! prompt position for the first token, then each decode position). Prompt rows are not sent.
 
 use super::chat_template::ChatTemplate;
 use super::generation_config::GenerationConfig;
+use super::kv::{checkpoint_sampling, hidden_rows, KvState};
 use super::model::LlmModel;
-use super::paged::{PagedChunk, PagedKvPool};
+use super::paged::PagedChunk;
 use super::sampling::{ResolvedSampling, Sampler};
 use super::sequence::Sequence;
 use super::stop::StopMatcher;
 use super::tokenizer::{StreamDecoder, TextTokenizer};
-use candle_core::{DType, Device, Tensor};
-use omnistage_scheduler::kv::{BlockManager, KvConfig, KvError, SeqKey};
+use candle_core::{DType, Device};
 use omnistage_stages::{
-    ChatMessage, EngineError, EngineStats, HiddenStates, JobId, Payload, Prompt, SamplingParams,
-    StageEngine, StageEvent, StageInput, StepWork, Usage,
+    ChatMessage, EngineError, EngineStats, JobId, Payload, Prompt, SamplingParams, StageEngine,
+    StageEvent, StageInput, StepWork, Usage,
 };
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
-
-/// Pool size when the deployment names none: room for `max_batch_size` full-length sequences,
-/// capped at this many bytes.
-const DEFAULT_KV_CAP_BYTES: u64 = 2 << 30;
 
 /// Stage-level settings of an LLM engine (from the deployment file).
 #[derive(Debug, Clone)]
@@ -34,7 +33,8 @@ pub struct LlmEngineSettings {
     pub max_model_len: Option<usize>,
     /// The stage's default sampling (requests override field by field).
     pub sampling: SamplingParams,
-    /// Emit final-layer hidden states as `Payload::Hidden` for downstream stages.
+    /// Emit final-layer hidden states as `Payload::Hidden` for downstream stages: one row per
+    /// generated token, in the output event of that token.
     pub emit_hidden: bool,
     /// Bytes for the paged KV pool; `None` = sized for `max_batch_size` full-length sequences
     /// (at most 2 GiB).
@@ -68,6 +68,9 @@ pub enum LlmEngineError {
     Load { dir: String, message: String },
     #[error("kv cache: {0}")]
     KvCache(String),
+    /// The `[stage.talker]` settings do not fit the checkpoint.
+    #[error("talker settings: {0}")]
+    Talker(String),
 }
 
 /// A batched LLM stage engine.
@@ -79,12 +82,9 @@ pub struct LlmEngine {
     eos_ids: Vec<u32>,
     max_model_len: usize,
     emit_hidden: bool,
-    pool: PagedKvPool,
-    blocks: BlockManager,
-    bytes_per_block: usize,
+    kv: KvState,
     seqs: HashMap<JobId, Sequence>,
     next_arrival: u64,
-    preemptions: u64,
 }
 
 impl LlmEngine {
@@ -115,44 +115,14 @@ impl LlmEngine {
         generation: GenerationConfig,
         settings: LlmEngineSettings,
     ) -> Result<Self, LlmEngineError> {
-        let checkpoint_defaults = SamplingParams {
-            temperature: generation.temperature,
-            top_p: generation.top_p,
-            top_k: generation.top_k,
-            repetition_penalty: generation.repetition_penalty,
-            max_tokens: generation.max_new_tokens,
-            ..Default::default()
-        };
+        let checkpoint_defaults = checkpoint_sampling(&generation);
         let mut eos_ids = generation.eos_token_ids.clone();
         if let Some(ids) = &model.config().eos_token_ids {
             eos_ids.extend(ids.iter().copied());
         }
         eos_ids.sort_unstable();
         eos_ids.dedup();
-        let model_limit = model.config().max_position_embeddings;
-        let max_model_len = settings
-            .max_model_len
-            .map_or(model_limit, |l| l.min(model_limit));
-        let block_size = settings.kv_block_size.max(1);
-        let bytes_per_block =
-            PagedKvPool::bytes_per_block(model.config(), block_size, model.dtype());
-        let budget = settings.kv_cache_bytes.unwrap_or_else(|| {
-            let blocks = settings.max_batch_size.max(1) * max_model_len.div_ceil(block_size);
-            (blocks as u64 * bytes_per_block as u64).min(DEFAULT_KV_CAP_BYTES)
-        });
-        let mut kv = KvConfig::from_budget(budget as usize, bytes_per_block, block_size)
-            .map_err(|e| LlmEngineError::KvCache(e.to_string()))?;
-        kv.enable_prefix_cache = settings.prefix_caching;
-        let pool = PagedKvPool::new(
-            model.config(),
-            kv.num_blocks,
-            block_size,
-            model.dtype(),
-            model.device(),
-        )
-        .map_err(|e| LlmEngineError::KvCache(e.to_string()))?;
-        // A lone sequence must always fit, so nothing may grow past the pool.
-        let max_model_len = max_model_len.min(kv.num_blocks * block_size);
+        let (kv, max_model_len) = KvState::new(&model, &settings)?;
         Ok(Self {
             defaults: settings.sampling.or(&checkpoint_defaults),
             model,
@@ -161,12 +131,9 @@ impl LlmEngine {
             eos_ids,
             max_model_len,
             emit_hidden: settings.emit_hidden,
-            pool,
-            blocks: BlockManager::new(kv),
-            bytes_per_block,
+            kv,
             seqs: HashMap::new(),
             next_arrival: 0,
-            preemptions: 0,
         })
     }
 
@@ -230,6 +197,17 @@ impl LlmEngine {
         match &input.request.prompt {
             Prompt::Chat(messages) => encode(&self.render_chat(messages)?, false),
             Prompt::Completion(text) => encode(text, true),
+            // The context for speaking: the text as a user turn; the forced output is the text.
+            Prompt::Speak(text) => match self.template {
+                Some(_) => {
+                    let messages = [ChatMessage {
+                        role: "user".into(),
+                        content: text.clone(),
+                    }];
+                    encode(&self.render_chat(&messages)?, false)
+                }
+                None => encode(text, true),
+            },
             Prompt::Tokens(ids) => match ids.iter().find(|&&t| t as usize >= self.vocab_size()) {
                 Some(t) => Err(EngineError::InvalidInput(format!(
                     "prompt token id {t} is outside the vocabulary of {} tokens",
@@ -242,86 +220,6 @@ impl LlmEngine {
 
     fn vocab_size(&self) -> usize {
         self.model.config().vocab_size
-    }
-
-    /// Drops a sequence's KV blocks so it is recomputed later (it keeps its tokens and sampler).
-    fn preempt(&mut self, job: JobId) {
-        if let Some(seq) = self.seqs.get_mut(&job) {
-            self.blocks.free(SeqKey(job.0));
-            seq.computed = 0;
-            self.preemptions += 1;
-            tracing::debug!(%job, tokens = seq.tokens.len(), "preempted: KV blocks freed for recompute");
-        }
-    }
-
-    /// Reserves pool room for each planned chunk, oldest sequence first, preempting younger
-    /// sequences when blocks run out. Returns the chunks that can run this step.
-    fn reserve_blocks(&mut self, mut plan: Vec<(JobId, usize)>) -> Vec<(JobId, usize)> {
-        plan.sort_by_key(|(job, _)| self.seqs.get(job).map_or(u64::MAX, |s| s.arrival));
-        let mut runnable = Vec::with_capacity(plan.len());
-        let mut preempted: HashSet<JobId> = HashSet::new();
-        for (job, n) in plan {
-            if preempted.contains(&job) {
-                continue;
-            }
-            let Some(seq) = self.seqs.get(&job) else {
-                continue;
-            };
-            let (arrival, computed) = (seq.arrival, seq.computed);
-            let key = SeqKey(job.0);
-            if computed == 0 && !self.blocks.contains(key) {
-                // Preempted earlier: start over (its prompt prefix may still be cached).
-                let tokens = self.seqs[&job].tokens.clone();
-                match self.blocks.start(key, &tokens[..tokens.len() - 1]) {
-                    Ok(cached) => {
-                        if let Some(seq) = self.seqs.get_mut(&job) {
-                            seq.computed = cached;
-                        }
-                    }
-                    Err(e) => {
-                        tracing::warn!(%job, "kv restart failed: {e}");
-                        continue;
-                    }
-                }
-            }
-            let seq = &self.seqs[&job];
-            let n = n.min(seq.tokens.len() - seq.computed).max(1);
-            let need = seq.computed + n;
-            loop {
-                match self.blocks.reserve(key, need) {
-                    Ok(()) => {
-                        runnable.push((job, n));
-                        break;
-                    }
-                    Err(KvError::OutOfBlocks { .. }) => {
-                        let victim = self
-                            .seqs
-                            .iter()
-                            .filter(|(j, s)| {
-                                s.arrival > arrival
-                                    && !preempted.contains(j)
-                                    && self.blocks.contains(SeqKey(j.0))
-                            })
-                            .max_by_key(|(_, s)| s.arrival)
-                            .map(|(j, _)| *j);
-                        match victim {
-                            Some(v) => {
-                                self.preempt(v);
-                                preempted.insert(v);
-                                runnable.retain(|(j, _)| *j != v);
-                            }
-                            // The youngest waits for room; it keeps what it has.
-                            None => break,
-                        }
-                    }
-                    Err(e) => {
-                        tracing::warn!(%job, "kv reserve failed: {e}");
-                        break;
-                    }
-                }
-            }
-        }
-        runnable
     }
 }
 
@@ -356,18 +254,41 @@ impl StageEngine for LlmEngine {
         if !params.ignore_eos {
             stop_ids.extend(self.eos_ids.iter().copied());
         }
-        let cached = self
-            .blocks
-            .start(SeqKey(job.0), &prompt)
-            .map_err(|e| EngineError::Compute(format!("kv cache: {e}")))?;
+        let cached = self.kv.start(job, &prompt, 0)?;
+        // Speaking: the output is the text itself, token by token, whatever the logits say.
+        let forced = match (&input.request.prompt, input.upstream.is_empty()) {
+            (Prompt::Speak(text), true) => self
+                .tokenizer
+                .encode(text, false)
+                .map_err(|e| EngineError::InvalidInput(format!("tokenizer: {e}")))?,
+            _ => Vec::new(),
+        };
+        if forced.len() > room {
+            return Err(EngineError::InvalidInput(format!(
+                "the text to speak has {} tokens; this model has room for {room} after its prompt",
+                forced.len()
+            )));
+        }
+        let max_tokens = if forced.is_empty() {
+            max_tokens
+        } else {
+            forced.len()
+        };
+        let stops = StopMatcher::new(if forced.is_empty() {
+            params.stop.clone()
+        } else {
+            Vec::new()
+        });
         let seq = Sequence {
+            forced,
             arrival: self.next_arrival,
             prompt_len: prompt.len(),
             tokens: prompt,
             computed: cached,
             sampler: Sampler::new(ResolvedSampling::from_params(&params)),
             decoder: StreamDecoder::new(),
-            stops: StopMatcher::new(params.stop.clone()),
+            // Forced text is said whole: stop strings do not cut it.
+            stops,
             stop_ids,
             max_tokens,
         };
@@ -390,19 +311,11 @@ impl StageEngine for LlmEngine {
             .iter()
             .filter_map(|w| Some((w.job, self.seqs.get(&w.job)?.next_chunk_len(w.token_budget))))
             .collect();
-        let runnable = self.reserve_blocks(plan);
+        let runnable = self.kv.reserve(&mut self.seqs, plan);
         if runnable.is_empty() {
             return Ok(());
         }
-        let tables: Vec<Vec<u32>> = runnable
-            .iter()
-            .map(|(job, _)| {
-                self.blocks
-                    .block_table(SeqKey(job.0))
-                    .map(|t| t.iter().map(|b| b.0).collect())
-                    .unwrap_or_default()
-            })
-            .collect();
+        let tables = self.kv.tables(&runnable);
         let chunks: Vec<PagedChunk<'_>> = runnable
             .iter()
             .zip(&tables)
@@ -412,47 +325,50 @@ impl StageEngine for LlmEngine {
                     tokens: &seq.tokens[seq.computed..seq.computed + n],
                     past: seq.computed,
                     block_table: table,
-                    want_hidden: self.emit_hidden,
+                    // Only the chunk that ends at the newest token yields a row (its logits
+                    // produce the next token).
+                    want_hidden: self.emit_hidden && seq.computed + n == seq.tokens.len(),
                 }
             })
             .collect();
         let output = self
             .model
-            .forward_paged(&mut self.pool, &chunks)
+            .forward_paged(&mut self.kv.pool, &chunks)
             .map_err(|e| EngineError::Compute(e.to_string()))?;
         drop(chunks);
         for (row, (job, n)) in runnable.into_iter().enumerate() {
             let Some(mut seq) = self.seqs.remove(&job) else {
                 continue;
             };
-            let mut out = Vec::new();
-            if let Some(Some(hidden)) = output.hidden.get(row) {
-                match hidden_rows(hidden) {
-                    Ok(h) => out.push(Payload::Hidden(h)),
-                    Err(e) => {
-                        self.blocks.free(SeqKey(job.0));
-                        emit(job, StageEvent::Failed(EngineError::Compute(e.to_string())));
-                        continue;
-                    }
-                }
-            }
             seq.computed += n;
-            if let Err(e) = self
-                .blocks
-                .commit(SeqKey(job.0), &seq.tokens[..seq.computed])
-            {
-                tracing::warn!(%job, "kv commit failed: {e}");
-            }
+            self.kv.commit(job, &seq.tokens[..seq.computed]);
+            let mut out = Vec::new();
             let mut finished = None;
             if seq.computed == seq.tokens.len() {
                 let logits = output
                     .logits
                     .get(row)
                     .map_err(|e| EngineError::Compute(e.to_string()));
-                match logits.and_then(|l| seq.advance(&l, &self.tokenizer, &mut out)) {
-                    Ok(f) => finished = f,
+                let advanced = logits.and_then(|l| seq.advance(&l, &self.tokenizer, &mut out));
+                let hidden = match (&advanced, output.hidden.get(row)) {
+                    // A row only for a token that was emitted (not for a stop token).
+                    (Ok(_), Some(Some(h)))
+                        if out.iter().any(|p| matches!(p, Payload::Tokens(_))) =>
+                    {
+                        h.narrow(0, n - 1, 1)
+                            .and_then(|h| hidden_rows(&h))
+                            .map(Some)
+                            .map_err(|e| EngineError::Compute(e.to_string()))
+                    }
+                    _ => Ok(None),
+                };
+                match advanced.and_then(|f| Ok((f, hidden?))) {
+                    Ok((f, h)) => {
+                        finished = f;
+                        out.extend(h.map(Payload::Hidden));
+                    }
                     Err(e) => {
-                        self.blocks.free(SeqKey(job.0));
+                        self.kv.free(job);
                         emit(job, StageEvent::Failed(e));
                         continue;
                     }
@@ -467,7 +383,7 @@ impl StageEngine for LlmEngine {
                         prompt_tokens: seq.prompt_len,
                         completion_tokens: seq.generated().len(),
                     };
-                    self.blocks.free(SeqKey(job.0));
+                    self.kv.free(job);
                     emit(job, StageEvent::Finished { reason, usage });
                 }
                 None => {
@@ -480,34 +396,15 @@ impl StageEngine for LlmEngine {
 
     fn release(&mut self, job: JobId) {
         if self.seqs.remove(&job).is_some() {
-            self.blocks.free(SeqKey(job.0));
+            self.kv.free(job);
         }
     }
 
     fn state_bytes(&self) -> usize {
-        self.blocks.stats().used_blocks * self.bytes_per_block
+        self.kv.state_bytes()
     }
 
     fn stats(&self) -> EngineStats {
-        let kv = self.blocks.stats();
-        EngineStats {
-            state_bytes: kv.used_blocks * self.bytes_per_block,
-            kv_blocks_used: kv.used_blocks,
-            kv_blocks_total: kv.total_blocks,
-            kv_blocks_cached: kv.cached_blocks,
-            preemptions_total: self.preemptions,
-            prefix_query_tokens_total: kv.prefix_query_tokens,
-            prefix_hit_tokens_total: kv.prefix_hit_tokens,
-            ..EngineStats::default()
-        }
+        self.kv.stats()
     }
-}
-
-fn hidden_rows(hidden: &Tensor) -> candle_core::Result<HiddenStates> {
-    let hidden = hidden.to_dtype(DType::F32)?;
-    let (_, dim) = hidden.dims2()?;
-    Ok(HiddenStates::new(
-        hidden.flatten_all()?.to_vec1::<f32>()?,
-        dim,
-    ))
 }

@@ -168,6 +168,9 @@ pub(crate) struct SeqInput<'a> {
     pub(crate) past: usize,
     /// Whether to return the new tokens' final hidden states.
     pub(crate) want_hidden: bool,
+    /// `[tokens.len(), hidden_size]` added to the new tokens' embeddings (checked by the
+    /// caller), e.g. a talker's projected thinker states.
+    pub(crate) extra: Option<&'a Tensor>,
 }
 
 /// Where a forward stores each layer's new keys and values and loads a sequence's context.
@@ -416,6 +419,7 @@ impl LlmModel {
                 tokens: chunk.tokens,
                 past: chunk.cache.len,
                 want_hidden: chunk.want_hidden,
+                extra: None,
             });
         }
         let out = self.forward_core(&seqs, &mut CacheKv(batch))?;
@@ -464,6 +468,9 @@ impl LlmModel {
 
         let ids = Tensor::from_vec(ids, total, &self.device)?;
         let mut xs = self.embed_tokens.forward(&ids)?;
+        if seqs.iter().any(|s| s.extra.is_some()) {
+            xs = (xs + self.extra_embeddings(seqs)?)?;
+        }
         // RoPE tables for exactly the positions in this batch: pos * inv_freq in f32 (the same
         // arithmetic as a precomputed table, without holding one for the whole context).
         let positions = Tensor::from_vec(positions, (total, 1), &self.device)?;

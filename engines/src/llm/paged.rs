@@ -13,6 +13,9 @@
 //! pool ([`crate::kernels::attention`]). Elsewhere the new rows are written with `slice_set`
 //! (one copy per run of consecutive slots) and each sequence's attention gathers its slots
 //! (`index_select`) into a contiguous `[past + n, kv_heads, head_dim]` tensor.
+//!
+//! [`LlmModel::forward_paged_extra`] also adds an optional extra embedding per chunk to its token
+//! embeddings (a talker's projected thinker states).
 
 use std::collections::{HashMap, HashSet};
 
@@ -343,6 +346,20 @@ fn plan(pool: &PagedKvPool, batch: &[PagedChunk<'_>]) -> Result<Vec<SeqPlan>, Ll
 }
 
 impl LlmModel {
+    /// The per-chunk extra embeddings as one `[T_total, hidden]` tensor (zeros for chunks
+    /// without any).
+    pub(crate) fn extra_embeddings(&self, seqs: &[SeqInput<'_>]) -> candle_core::Result<Tensor> {
+        let h = self.config().hidden_size;
+        let parts = seqs
+            .iter()
+            .map(|s| match s.extra {
+                Some(e) => e.to_dtype(self.dtype()),
+                None => Tensor::zeros((s.tokens.len(), h), self.dtype(), self.device()),
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Tensor::cat(&parts, 0)
+    }
+
     /// Like [`LlmModel::forward`], with keys and values in `pool` instead of per-sequence
     /// caches: the new tokens' keys and values are written at their slots (position `p` of a
     /// chunk goes to `block_table[p / bs] * bs + p % bs`), and attention reads positions
@@ -357,6 +374,19 @@ impl LlmModel {
         &self,
         pool: &mut PagedKvPool,
         batch: &[PagedChunk<'_>],
+    ) -> Result<BatchOutput, LlmError> {
+        self.forward_paged_extra(pool, batch, &[])
+    }
+
+    /// [`LlmModel::forward_paged`] with an optional extra input embedding per chunk: `extra[i]`,
+    /// when given, is a `[batch[i].tokens.len(), hidden_size]` tensor (any float dtype, on the
+    /// model device) added to chunk `i`'s token embeddings row by row (a talker's projected
+    /// thinker states). `extra` may be shorter than `batch` (missing entries are `None`).
+    pub fn forward_paged_extra(
+        &self,
+        pool: &mut PagedKvPool,
+        batch: &[PagedChunk<'_>],
+        extra: &[Option<&Tensor>],
     ) -> Result<BatchOutput, LlmError> {
         if batch.is_empty() {
             return Err(LlmError::Input("empty batch".into()));
@@ -392,13 +422,34 @@ impl LlmModel {
             }
             self.check_token_ids(i, c.tokens)?;
         }
+        if extra.len() > batch.len() {
+            return Err(LlmError::Input(format!(
+                "{} extra embeddings for a batch of {} sequences",
+                extra.len(),
+                batch.len()
+            )));
+        }
+        for (i, (c, e)) in batch.iter().zip(extra).enumerate() {
+            let Some(e) = e else { continue };
+            let want = (c.tokens.len(), cfg.hidden_size);
+            if e.dims2().ok() != Some(want) || !e.device().same_device(self.device()) {
+                return Err(LlmError::Input(format!(
+                    "sequence {i}: extra embeddings are {:?} on {:?}, expected {want:?} on {:?}",
+                    e.dims(),
+                    e.device().location(),
+                    self.device().location()
+                )));
+            }
+        }
         let plans = plan(pool, batch)?;
         let seqs: Vec<SeqInput<'_>> = batch
             .iter()
-            .map(|c| SeqInput {
+            .enumerate()
+            .map(|(i, c)| SeqInput {
                 tokens: c.tokens,
                 past: c.past,
                 want_hidden: c.want_hidden,
+                extra: extra.get(i).copied().flatten(),
             })
             .collect();
         self.forward_core(&seqs, &mut PagedKv { pool, plans })

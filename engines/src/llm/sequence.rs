@@ -1,6 +1,7 @@
 //! One sequence of the LLM engine: its tokens, how many of them are in the KV pool, and the
 //! per-request sampler, detokenizer and stop matcher that turn logits into streamed output.
 
+use super::kv::KvSeq;
 use super::sampling::Sampler;
 use super::stop::{StopCheck, StopMatcher};
 use super::tokenizer::{StreamDecoder, TextTokenizer};
@@ -23,6 +24,9 @@ pub(crate) struct Sequence {
     pub stop_ids: HashSet<u32>,
     /// Completion tokens allowed; admission caps it so prompt + completion fit the model.
     pub max_tokens: usize,
+    /// Teacher-forced output (speaking a given text): emitted in place of sampled tokens, then
+    /// the sequence stops. Empty = sample.
+    pub forced: Vec<u32>,
 }
 
 impl Sequence {
@@ -57,11 +61,15 @@ impl Sequence {
         tokenizer: &TextTokenizer,
         out: &mut Vec<Payload>,
     ) -> Result<Option<FinishReason>, EngineError> {
-        let token = self
-            .sampler
-            .sample(logits, &self.tokens)
-            .map_err(|e| EngineError::Compute(e.to_string()))?;
-        if self.stop_ids.contains(&token) {
+        let forced = self.forced.get(self.generated().len()).copied();
+        let token = match forced {
+            Some(t) => t,
+            None => self
+                .sampler
+                .sample(logits, &self.tokens)
+                .map_err(|e| EngineError::Compute(e.to_string()))?,
+        };
+        if forced.is_none() && self.stop_ids.contains(&token) {
             push_text(out, self.stops.flush());
             return Ok(Some(FinishReason::Stop));
         }
@@ -91,9 +99,33 @@ impl Sequence {
                 StopCheck::Continue(t) => t + &self.stops.flush(),
             };
             push_text(out, tail);
-            return Ok(Some(FinishReason::Length));
+            // A forced sequence said all it had to say.
+            let reason = if self.forced.is_empty() {
+                FinishReason::Length
+            } else {
+                FinishReason::Stop
+            };
+            return Ok(Some(reason));
         }
         Ok(None)
+    }
+}
+
+impl KvSeq for Sequence {
+    fn arrival(&self) -> u64 {
+        self.arrival
+    }
+
+    fn computed(&self) -> usize {
+        self.computed
+    }
+
+    fn set_computed(&mut self, computed: usize) {
+        self.computed = computed;
+    }
+
+    fn tokens(&self) -> &[u32] {
+        &self.tokens
     }
 }
 

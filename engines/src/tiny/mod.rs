@@ -11,14 +11,24 @@ mod corpus;
 mod flux;
 mod image;
 mod llm;
+mod mimi;
 mod sd3;
+mod snac;
+mod talker;
 mod vae;
 
 pub use bpe::{BPE_VOCAB_SIZE, ENDOFTEXT, IM_END, IM_START, SPECIAL_TOKENS};
 pub use flux::{write_tiny_flux_transformer, TinyFluxSpec};
 pub use image::{write_tiny_image_pipeline, TINY_SCHEDULER_SHIFT};
 pub use llm::{write_tiny_llm, TinyFamily, TinyLlmSpec, TINY_CHAT_TEMPLATE};
+pub use mimi::{write_tiny_mimi, TinyMimiLayout, TinyMimiSpec};
 pub use sd3::{write_tiny_sd3_transformer, TinySd3Spec};
+pub use snac::{write_tiny_snac, TinySnacSpec};
+pub use talker::{
+    write_tiny_talker, TinyTalker, TinyTalkerSpec, TINY_TALKER_AUDIO_END,
+    TINY_TALKER_AUDIO_END_TOKEN, TINY_TALKER_AUDIO_START, TINY_TALKER_AUDIO_START_TOKEN,
+    TINY_TALKER_CODEC_OFFSET,
+};
 pub use vae::{write_tiny_vae, TinyVaeSpec};
 
 use std::path::{Path, PathBuf};
@@ -101,14 +111,22 @@ impl TinyManifest {
 }
 
 /// Writes the tiny omni model set under `out/tiny-omni/`, one checkpoint per stage kind the
-/// project supports: `thinker/`, a [`TinyLlmSpec::tiny_qwen3`] LLM, and `image/`, a diffusers
-/// text-to-image pipeline folder shared by the `image-encoder`, `dit` and `vae` stages.
+/// project supports: `thinker/`, a [`TinyLlmSpec::tiny_qwen3`] LLM; `talker/`, a tiny talker
+/// conditioned on the thinker's hidden states, writing SNAC codes in the Orpheus frame layout;
+/// `codec/`, a tiny SNAC decoder; and `image/`, a diffusers text-to-image pipeline folder shared
+/// by the `image-encoder`, `dit` and `vae` stages.
 ///
 /// Existing files are overwritten. Same `seed` ⇒ byte-identical files.
 pub fn make_tiny(out: &Path, seed: u64) -> Result<TinyManifest, TinyError> {
     let root = out.join(TINY_OMNI_DIR);
     let thinker = root.join("thinker");
     let files = write_tiny_llm(&thinker, &TinyLlmSpec::tiny_qwen3(), seed)?;
+    let talker = root.join("talker");
+    let thinker_hidden = TinyLlmSpec::tiny_qwen3().hidden_size;
+    let talker_files =
+        write_tiny_talker(&talker, &TinyTalkerSpec::tiny(thinker_hidden), seed)?.files;
+    let codec = root.join("codec");
+    let codec_files = write_tiny_snac(&codec, &TinySnacSpec::tiny(), seed)?;
     let image = root.join("image");
     let image_files = write_tiny_image_pipeline(&image, seed)?;
     Ok(TinyManifest {
@@ -119,6 +137,18 @@ pub fn make_tiny(out: &Path, seed: u64) -> Result<TinyManifest, TinyError> {
                 kind: "llm".into(),
                 dir: thinker,
                 files,
+            },
+            TinyCheckpoint {
+                stage: "talker".into(),
+                kind: "llm".into(),
+                dir: talker,
+                files: talker_files,
+            },
+            TinyCheckpoint {
+                stage: "codec".into(),
+                kind: "codec".into(),
+                dir: codec,
+                files: codec_files,
             },
             TinyCheckpoint {
                 stage: "image".into(),

@@ -44,7 +44,7 @@ fn prompt_text(input: &StageInput) -> Result<String, EngineError> {
         return Ok(t.to_string());
     }
     match &input.request.prompt {
-        Prompt::Completion(s) => Ok(s.clone()),
+        Prompt::Completion(s) | Prompt::Speak(s) => Ok(s.clone()),
         Prompt::Chat(messages) => messages
             .iter()
             .rev()
