@@ -220,7 +220,7 @@ pub async fn speech(
         };
         let audio = audio_params(voice, req.seed, orch.next_job_id().0);
         let job = state.start(
-            Prompt::Completion(input),
+            Prompt::Speak(input),
             sampling,
             vec![Modality::Audio],
             None,

@@ -100,15 +100,18 @@ async fn a_closed_loop_run_records_jct_and_traces_for_every_request() {
         assert_eq!(&bytes[1..4], b"PNG", "{png}");
     }
 
-    // Speech has no stage yet: each request is an error of its kind, and the run goes on.
+    // Speech (text + audio out through thinker → talker → codec): TTFP and RTF per request.
     let wl = tiny_workload(2, [0.0, 0.0, 0.0, 1.0]);
     let result = omnistage::bench::run::run(&options(&server.base), &wl)
         .await
         .unwrap();
     assert_eq!(result.records.len(), 2);
     for r in &result.records {
-        assert_eq!((r.kind, r.outcome), (Kind::Speech, Outcome::Error), "{r:?}");
-        assert!((400..500).contains(&r.status), "{r:?}");
+        assert_eq!((r.kind, r.outcome), (Kind::Speech, Outcome::Ok), "{r:?}");
+        let ttfp = r.ttfp_ms.expect("time to first audio packet");
+        assert!(ttfp > 0.0 && ttfp <= r.jct_ms, "{r:?}");
+        assert!(r.rtf.is_some_and(|x| x > 0.0), "{r:?}");
+        assert!(r.ttft_ms.is_some(), "the transcript streams: {r:?}");
     }
 
     // A two-point sweep writes sweep.json, which `bench plot` reads.

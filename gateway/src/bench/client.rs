@@ -29,6 +29,8 @@ pub struct StageTrace {
 #[serde(default)]
 pub struct EdgeTrace {
     pub edge: String,
+    /// Deliveries: 1 for a plain edge, the chunk count for a streamed one.
+    pub chunks: u64,
     pub bytes: u64,
     pub transfer_ms: f64,
 }
@@ -45,6 +47,9 @@ pub struct Trace {
     pub graph_wait_ms: f64,
     pub jct_ms: f64,
     pub first_output_ms: Option<f64>,
+    pub first_audio_ms: Option<f64>,
+    pub audio_seconds: Option<f64>,
+    pub real_time_factor: Option<f64>,
     pub stages: Vec<StageTrace>,
     pub edges: Vec<EdgeTrace>,
 }
@@ -84,9 +89,10 @@ pub struct Record {
     pub jct_ms: f64,
     /// Time to the first streamed content chunk (text and omni).
     pub ttft_ms: Option<f64>,
-    /// Time to first audio packet: no audio stage exists yet.
+    /// Time to the first streamed audio packet (speech).
     pub ttfp_ms: Option<f64>,
-    /// Real-time factor of generated audio: no audio stage exists yet.
+    /// Real-time factor of the generated audio (server job time ÷ audio seconds, from the
+    /// trace).
     pub rtf: Option<f64>,
     pub prompt_words: u64,
     pub max_tokens: u64,
@@ -118,7 +124,11 @@ pub fn request_body(p: &Planned, wl: &Workload, model: Option<&str>) -> (&'stati
     let (path, mut body) = match p.kind {
         Kind::Text => ("/v1/chat/completions", chat(&["text"])),
         Kind::Omni => ("/v1/chat/completions", chat(&["text", "image"])),
-        Kind::Speech => ("/v1/chat/completions", chat(&["audio"])),
+        Kind::Speech => {
+            let mut body = chat(&["text", "audio"]);
+            body["audio"] = json!({"voice": "default", "format": "pcm16"});
+            ("/v1/chat/completions", body)
+        }
         Kind::Image => {
             let mut body = image(&wl.image);
             body["prompt"] = json!(p.prompt);
@@ -261,7 +271,19 @@ async fn send(
             if let Some(t) = v["usage"]["completion_tokens"].as_u64() {
                 rec.output_tokens = Some(t);
             }
-            let content = &v["choices"][0]["delta"]["content"];
+            let delta = &v["choices"][0]["delta"];
+            if delta["audio"]["data"]
+                .as_str()
+                .is_some_and(|d| !d.is_empty())
+                && rec.ttfp_ms.is_none()
+            {
+                rec.ttfp_ms = Some(due.elapsed().as_secs_f64() * 1e3);
+            }
+            // With audio, the text streams as the audio's transcript.
+            let content = match &delta["audio"]["transcript"] {
+                Value::String(_) => &delta["audio"]["transcript"],
+                _ => &delta["content"],
+            };
             let has_content = match content {
                 Value::String(s) => {
                     chunks += 1;

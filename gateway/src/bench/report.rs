@@ -81,6 +81,9 @@ pub struct KindSummary {
     /// Over successful requests.
     pub jct_ms: Latency,
     pub ttft_ms: Latency,
+    /// Time to first audio packet and real-time factor (speech).
+    pub ttfp_ms: Latency,
+    pub rtf: Latency,
     /// Mean time waiting for the whole graph (`serve --monolithic`).
     pub graph_wait_ms: Option<f64>,
     pub stages: Vec<StageMean>,
@@ -108,6 +111,8 @@ pub fn summarize(records: &[Record], kind: Option<Kind>, wall_s: f64) -> KindSum
     let per_s = |n: f64| if wall_s > 0.0 { n / wall_s } else { 0.0 };
     let jct: Vec<f64> = ok.iter().map(|r| r.jct_ms).collect();
     let ttft: Vec<f64> = ok.iter().filter_map(|r| r.ttft_ms).collect();
+    let ttfp: Vec<f64> = ok.iter().filter_map(|r| r.ttfp_ms).collect();
+    let rtf: Vec<f64> = ok.iter().filter_map(|r| r.rtf).collect();
     let traces: Vec<_> = ok.iter().filter_map(|r| r.trace.as_ref()).collect();
     // Stages in first-seen order (graph order), means over the traces that include them.
     let mut stage_order: Vec<String> = Vec::new();
@@ -149,6 +154,8 @@ pub fn summarize(records: &[Record], kind: Option<Kind>, wall_s: f64) -> KindSum
         images_per_s: per_s(ok.iter().map(|r| r.images).sum::<u64>() as f64),
         jct_ms: Latency::of(&jct),
         ttft_ms: Latency::of(&ttft),
+        ttfp_ms: Latency::of(&ttfp),
+        rtf: Latency::of(&rtf),
         graph_wait_ms: mean(&graph_wait),
         stages: stage_order
             .iter()
@@ -239,6 +246,29 @@ pub fn table(summaries: &[KindSummary], wall_s: f64) -> String {
         s,
         "(latencies in ms over successful requests; err excludes 429/503, counted apart)"
     );
+    let speech: Vec<&KindSummary> = summaries
+        .iter()
+        .filter(|k| k.ttfp_ms.p50.is_some())
+        .collect();
+    if !speech.is_empty() {
+        let _ = writeln!(
+            s,
+            "\n{:<7} {:>9} {:>9} {:>9} {:>9} {:>9}",
+            "kind", "ttfp mean", "ttfp p50", "ttfp p99", "rtf mean", "rtf p99"
+        );
+        for k in speech {
+            let _ = writeln!(
+                s,
+                "{:<7} {:>9} {:>9} {:>9} {:>9} {:>9}",
+                k.kind,
+                ms(k.ttfp_ms.mean),
+                ms(k.ttfp_ms.p50),
+                ms(k.ttfp_ms.p99),
+                k.rtf.mean.map_or("-".into(), |v| format!("{v:.3}")),
+                k.rtf.p99.map_or("-".into(), |v| format!("{v:.3}")),
+            );
+        }
+    }
     let per_kind: Vec<&KindSummary> = summaries.iter().filter(|k| k.kind != "all").collect();
     if per_kind.iter().any(|k| !k.stages.is_empty()) {
         let _ = writeln!(s, "\nmean per-stage breakdown (server traces)");

@@ -160,7 +160,10 @@ pub async fn run(opts: &RunOptions, wl: &Workload) -> Result<RunResult, String> 
             drop(permit);
             if let Some(id) = rec.request_id {
                 match fetch_trace(&client, &opts.url, id).await {
-                    Ok(t) => rec.trace = Some(t),
+                    Ok(t) => {
+                        rec.rtf = t.real_time_factor;
+                        rec.trace = Some(t);
+                    }
                     Err(e) => rec.trace_error = Some(e),
                 }
             }

@@ -20,8 +20,8 @@ pub enum Kind {
     Image,
     /// Streamed chat with `modalities: ["text", "image"]`.
     Omni,
-    /// Streamed chat with `modalities: ["audio"]` (no audio stage exists yet: the server refuses
-    /// it, which the report counts as an error of this kind).
+    /// Streamed chat with `modalities: ["text", "audio"]` (thinker → talker → codec): TTFP and
+    /// RTF measured.
     Speech,
 }
 
