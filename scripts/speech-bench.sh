@@ -4,11 +4,16 @@
 # (thinker → talker → SNAC codec), served twice from the same checkpoints — with its streamed
 # edges (port 18300), and with every edge delivering only when its producer finishes (port 18301,
 # the same TOML without its `stream` lines) — at concurrency 1 and 8, one run after the other.
+# Every request is 64 text tokens and exactly FRAMES codec frames of speech (the talker's end
+# token masked), so both servers do the same work; the tiny SNAC frame is 128 samples at 24 kHz.
 # Usage: scripts/speech-bench.sh [OUT_DIR] (default benches/results/speech)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-benches/results/speech}
-count=${COUNT:-48}
+count=${COUNT:-32}
+frames=${FRAMES:-200}
+export OMNISTAGE_STAGE__TALKER__SAMPLING__MAX_TOKENS=$((frames * 7))
+export OMNISTAGE_STAGE__TALKER__SAMPLING__IGNORE_EOS=true
 cargo build --release --bin omnistage
 bin=target/release/omnistage
 cache=$(mktemp -d)
@@ -23,7 +28,7 @@ OMNISTAGE_CACHE="$cache" "$bin" serve --port 18300 >"$cache/streamed.log" 2>&1 &
 wait_ready 18300
 # Beside the checkpoints the first server made, so its relative model paths resolve.
 sed '/^stream = /d' deploy/tiny-omni.toml >"$cache/tiny-omni-unstreamed.toml"
-"$bin" serve --deploy "$cache/tiny-omni-unstreamed.toml" --port 18301 >"$cache/unstreamed.log" 2>&1 & pids+=($!)
+"$bin" serve "$cache/tiny-omni-unstreamed.toml" --port 18301 >"$cache/unstreamed.log" 2>&1 & pids+=($!)
 wait_ready 18301
 mkdir -p "$out"
 for c in 1 8; do
