@@ -108,13 +108,17 @@ pub enum ExecutionMode {
 /// Requests that may wait their turn in monolithic mode before new ones are refused.
 pub const MONOLITHIC_MAX_WAITING: usize = 4096;
 
-/// The graph as monolithic mode runs it: each stage takes one job at a time, whole.
+/// The graph as monolithic mode runs it: each stage takes one job at a time, whole, and hands
+/// its output on only when it has finished (no streamed edges: no overlap between stages).
 pub fn monolithic_graph(mut graph: DeployGraph) -> DeployGraph {
     for s in &mut graph.stages {
         s.max_batch_size = 1;
         s.replicas = 1;
         s.max_wait_ms = 0;
         s.max_batched_tokens = s.max_batched_tokens.max(1 << 20);
+    }
+    for e in &mut graph.edges {
+        e.stream = None;
     }
     graph
 }

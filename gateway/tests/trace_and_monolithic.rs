@@ -117,4 +117,41 @@ async fn monolithic_mode_runs_one_request_at_a_time_unbatched() {
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum();
     assert_eq!(le1, steps, "a step ran more than one job");
+
+    // Speech runs its stages one after the other: each edge delivers once, whole.
+    let speech = json!({"input": "One, two.", "seed": 1, "response_format": "pcm"});
+    let resp = server
+        .client
+        .post(format!("{}/v1/audio/speech", server.base))
+        .json(&speech)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+    let id: u64 = resp.headers()["x-omnistage-request-id"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(!resp.bytes().await.unwrap().is_empty());
+    let t = trace(&server, id).await;
+    let edges = t["edges"].as_array().unwrap();
+    assert_eq!(edges.len(), 2, "{t}");
+    for e in edges {
+        assert_eq!(e["chunks"], 1, "a monolithic edge streamed: {t}");
+    }
+    let stage = |name: &str| {
+        t["stages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["stage"] == name)
+            .unwrap()
+            .clone()
+    };
+    let (thinker, talker) = (stage("thinker"), stage("talker"));
+    assert!(
+        talker["submitted_ms"].as_f64() >= thinker["finished_ms"].as_f64(),
+        "the talker started before the thinker finished: {t}"
+    );
 }
