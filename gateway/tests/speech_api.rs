@@ -200,3 +200,63 @@ async fn speech_endpoint_whole_and_streamed_and_bad_requests() {
         (400, Some("audio.voice"))
     );
 }
+
+/// The shipped Orpheus file serves speech as is, once its checkpoints and token ids are pointed
+/// at the tiny talker and SNAC codec (environment overrides only, no edits).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_orpheus_layout_serves_speech_from_a_text_prompted_talker() {
+    let toml = include_str!("../../deploy/orpheus-tts.toml");
+    let env: Vec<(String, String)> = [
+        ("OMNISTAGE_STAGE__TALKER__MODEL", "tiny-omni/talker"),
+        ("OMNISTAGE_STAGE__TALKER__DEVICE", "cpu"),
+        ("OMNISTAGE_STAGE__TALKER__DTYPE", "f32"),
+        ("OMNISTAGE_STAGE__TALKER__SAMPLING__MAX_TOKENS", "70"),
+        ("OMNISTAGE_STAGE__TALKER__TALKER__CODEC_TOKEN_OFFSET", "514"),
+        ("OMNISTAGE_STAGE__TALKER__TALKER__CODEBOOK_SIZE", "64"),
+        ("OMNISTAGE_STAGE__TALKER__TALKER__END_TOKEN_IDS", "513"),
+        ("OMNISTAGE_STAGE__TALKER__TALKER__PROMPT_PREFIX_IDS", "510"),
+        (
+            "OMNISTAGE_STAGE__TALKER__TALKER__PROMPT_SUFFIX_IDS",
+            "511,512",
+        ),
+        ("OMNISTAGE_STAGE__CODEC__MODEL", "tiny-omni/codec"),
+        ("OMNISTAGE_STAGE__CODEC__DEVICE", "cpu"),
+    ]
+    .iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
+    let server = common::start_with_env(
+        toml,
+        std::time::Duration::from_secs(120),
+        omnistage::runtime::ExecutionMode::Pipelined,
+        &env,
+    )
+    .await;
+    let speak = |voice: &str| {
+        let client = server.client.clone();
+        let url = format!("{}/v1/audio/speech", server.base);
+        let body = json!({"input": "Hi there.", "voice": voice, "seed": 5});
+        async move {
+            let resp = client.post(url).json(&body).send().await.unwrap();
+            (resp.status().as_u16(), resp.bytes().await.unwrap().to_vec())
+        }
+    };
+    let (status, wav) = speak("leo").await;
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&wav));
+    let (leo, rate) = wav_samples(&wav);
+    assert_eq!(rate, 24_000);
+    assert!(
+        !leo.is_empty() && leo.len() % 128 == 0,
+        "{} samples",
+        leo.len()
+    );
+    // Another voice is another prompt, so other speech; the same voice and seed, the same speech.
+    let (_, tara) = speak("tara").await;
+    assert_ne!(wav_samples(&tara).0, leo);
+    let (_, again) = speak("leo").await;
+    assert_eq!(wav_samples(&again).0, leo);
+    let (status, body) = speak("alloy").await;
+    assert_eq!(status, 400);
+    let msg = String::from_utf8_lossy(&body).to_string();
+    assert!(msg.contains("tara") && msg.contains("zoe"), "{msg}");
+}

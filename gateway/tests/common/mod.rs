@@ -46,9 +46,19 @@ pub async fn start_with_timeout(toml: &str, request_timeout: Duration) -> TestSe
 }
 
 pub async fn start_with(toml: &str, request_timeout: Duration, mode: ExecutionMode) -> TestServer {
+    start_with_env(toml, request_timeout, mode, &[]).await
+}
+
+/// Like [`start_with`], with `OMNISTAGE_*` deployment overrides applied to the TOML.
+pub async fn start_with_env(
+    toml: &str,
+    request_timeout: Duration,
+    mode: ExecutionMode,
+    env: &[(String, String)],
+) -> TestServer {
     let models = tempfile::tempdir().expect("temp dir");
     omnistage_engines::tiny::make_tiny(models.path(), 0).expect("make tiny checkpoints");
-    let graph = DeployGraph::from_toml_str(toml, Path::new("test.toml"), models.path(), &[])
+    let graph = DeployGraph::from_toml_str(toml, Path::new("test.toml"), models.path(), env)
         .expect("valid graph");
     graph.check_models().expect("models present");
     let options = ServeOptions {
