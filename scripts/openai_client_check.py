@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """Talks to a running omnistage server with the official `openai` package, unchanged.
 
-Checks chat completions (plain and streamed, with usage), text completions, the model list and
-an error in OpenAI's shape. Exits non-zero on the first mismatch.
+Checks chat completions (plain and streamed, with usage), text completions, the model list,
+errors in OpenAI's shape, image generation, and speech (chat with audio, whole and streamed, and
+the speech endpoint). Exits non-zero on the first mismatch.
 
 Usage: python3 scripts/openai_client_check.py [--base-url http://127.0.0.1:8000/v1]
 """
@@ -111,6 +112,52 @@ def main() -> int:
         print(f"bad image size -> {e.status_code}: {e.message}")
     else:
         raise AssertionError("an oversized image must be a 400")
+
+    voice_chat = client.chat.completions.create(
+        model=model,
+        messages=[{"role": "user", "content": "Say hello."}],
+        modalities=["text", "audio"],
+        audio={"voice": "default", "format": "wav"},
+        max_tokens=8,
+        seed=11,
+    )
+    audio = voice_chat.choices[0].message.audio
+    wav = base64.b64decode(audio.data)
+    assert wav[:4] == b"RIFF" and wav[8:12] == b"WAVE", wav[:12]
+    assert audio.transcript, audio
+    print(f"chat audio: {len(wav)} WAV bytes, transcript {audio.transcript!r}")
+
+    stream = client.chat.completions.create(
+        model=model,
+        messages=[{"role": "user", "content": "Say hello."}],
+        modalities=["text", "audio"],
+        audio={"voice": "default", "format": "pcm16"},
+        max_tokens=8,
+        seed=11,
+        stream=True,
+    )
+    pcm, transcript = b"", ""
+    for chunk in stream:
+        for choice in chunk.choices:
+            delta_audio = getattr(choice.delta, "audio", None) or {}
+            if delta_audio.get("data"):
+                pcm += base64.b64decode(delta_audio["data"])
+            transcript += delta_audio.get("transcript", "")
+    assert transcript == audio.transcript, (transcript, audio.transcript)
+    assert len(pcm) == len(wav) - 44, (len(pcm), len(wav))
+    print(f"streamed chat audio: {len(pcm)} PCM bytes")
+
+    speech = client.audio.speech.create(model=model, voice="default", input="Hello there.", response_format="wav")
+    spoken = speech.read()
+    assert spoken[:4] == b"RIFF", spoken[:12]
+    print(f"speech: {len(spoken)} WAV bytes")
+
+    try:
+        client.audio.speech.create(model=model, voice="nobody", input="x")
+    except openai.BadRequestError as e:
+        print(f"unknown voice -> {e.status_code}: {e.message}")
+    else:
+        raise AssertionError("an unknown voice must be a 400")
 
     print("openai client check: all passed")
     return 0
