@@ -4,11 +4,14 @@
 # time, every stage unbatched) — sweeps the same seeded text+image workload over offered loads on
 # each (one after the other, so they never compete for the CPU), and plots both curves.
 # Usage: scripts/jct-sweep.sh [OUT_DIR] (default benches/results/jct)
+# Environment: RATES (default 2,4,8,12,16), COUNT per load (150), MIX (text=1,image=1; add
+# speech=1 for chats with text + audio out through thinker → talker → codec).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-benches/results/jct}
 rates=${RATES:-2,4,8,12,16}
 count=${COUNT:-150}
+mix=${MIX:-text=1,image=1}
 cargo build --release --bin omnistage
 bin=target/release/omnistage
 cache=$(mktemp -d)
@@ -24,7 +27,7 @@ OMNISTAGE_CACHE="$cache" "$bin" serve --port 18200 >"$cache/pipelined.log" 2>&1 
 wait_ready 18200
 OMNISTAGE_CACHE="$cache" "$bin" serve --monolithic --port 18201 >"$cache/monolithic.log" 2>&1 & pids+=($!)
 wait_ready 18201
-common=(--mix text=1,image=1 --count "$count" --seed 42 --sweep "rates=$rates" --quiet)
+common=(--mix "$mix" --count "$count" --seed 42 --sweep "rates=$rates" --quiet)
 mkdir -p "$out"
 "$bin" bench --url http://127.0.0.1:18200 --label pipelined "${common[@]}" --out "$out/pipelined"
 "$bin" bench --url http://127.0.0.1:18201 --label monolithic "${common[@]}" --out "$out/monolithic"

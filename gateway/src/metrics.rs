@@ -43,6 +43,7 @@ pub mod names {
     pub const CONNECTOR_BYTES_TOTAL: &str = "omnistage_connector_bytes_total";
     pub const CONNECTOR_TRANSFER_SECONDS: &str = "omnistage_connector_transfer_seconds";
     pub const CONNECTOR_CHUNKS_TOTAL: &str = "omnistage_connector_chunks_total";
+    pub const EDGE_HOLDS_TOTAL: &str = "omnistage_edge_producer_holds_total";
     pub const TIME_TO_FIRST_AUDIO_SECONDS: &str = "omnistage_time_to_first_audio_seconds";
     pub const AUDIO_SECONDS_TOTAL: &str = "omnistage_audio_seconds_total";
     pub const AUDIO_REAL_TIME_FACTOR: &str = "omnistage_audio_real_time_factor";
@@ -89,6 +90,7 @@ pub struct Metrics {
     connector_bytes: IntCounterVec,
     connector_seconds: HistogramVec,
     connector_chunks: IntCounterVec,
+    edge_holds: IntCounterVec,
     ttfp: HistogramVec,
     audio_seconds: prometheus::Counter,
     rtf: HistogramVec,
@@ -280,6 +282,12 @@ impl Metrics {
                 &r,
                 CONNECTOR_CHUNKS_TOTAL,
                 "Deliveries across edges: whole payloads, or chunks of streamed edges.",
+                &["edge"],
+            ),
+            edge_holds: counter(
+                &r,
+                EDGE_HOLDS_TOTAL,
+                "Times a producer was held back because its consumer had a streamed edge's buffer full.",
                 &["edge"],
             ),
             ttfp: histogram(
@@ -508,5 +516,9 @@ impl JobObserver for Metrics {
             .with_label_values(&[edge])
             .observe(seconds);
         self.connector_chunks.with_label_values(&[edge]).inc();
+    }
+
+    fn held(&self, edge: &str) {
+        self.edge_holds.with_label_values(&[edge]).inc();
     }
 }

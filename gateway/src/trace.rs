@@ -32,6 +32,8 @@ pub struct StageTrace {
 pub struct EdgeTrace {
     pub edge: String,
     pub chunks: usize,
+    /// Times the producer was held back because the consumer had a full buffer unconsumed.
+    pub holds: usize,
     pub bytes: usize,
     pub transfer_ms: f64,
 }
@@ -157,19 +159,32 @@ impl TraceBuilder {
         self.trace.real_time_factor = real_time_factor;
     }
 
+    fn edge(&mut self, edge: &str) -> &mut EdgeTrace {
+        let at = match self.trace.edges.iter().position(|e| e.edge == edge) {
+            Some(at) => at,
+            None => {
+                self.trace.edges.push(EdgeTrace {
+                    edge: edge.to_string(),
+                    chunks: 0,
+                    holds: 0,
+                    bytes: 0,
+                    transfer_ms: 0.0,
+                });
+                self.trace.edges.len() - 1
+            }
+        };
+        &mut self.trace.edges[at]
+    }
+
     pub fn transfer(&mut self, edge: &str, bytes: usize, seconds: f64) {
-        if let Some(e) = self.trace.edges.iter_mut().find(|e| e.edge == edge) {
-            e.chunks += 1;
-            e.bytes += bytes;
-            e.transfer_ms += seconds * 1e3;
-            return;
-        }
-        self.trace.edges.push(EdgeTrace {
-            edge: edge.to_string(),
-            chunks: 1,
-            bytes,
-            transfer_ms: seconds * 1e3,
-        });
+        let e = self.edge(edge);
+        e.chunks += 1;
+        e.bytes += bytes;
+        e.transfer_ms += seconds * 1e3;
+    }
+
+    pub fn held(&mut self, edge: &str) {
+        self.edge(edge).holds += 1;
     }
 
     pub fn finish(mut self, outcome: &str) -> JobTrace {

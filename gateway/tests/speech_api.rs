@@ -260,3 +260,54 @@ async fn the_orpheus_layout_serves_speech_from_a_text_prompted_talker() {
     let msg = String::from_utf8_lossy(&body).to_string();
     assert!(msg.contains("tara") && msg.contains("zoe"), "{msg}");
 }
+
+/// With one chunk of buffer per streamed edge, producers are held back whenever their consumer
+/// has not used the last chunk yet, and the answer is still the same audio.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tight_edge_buffers_hold_producers_back_and_change_nothing() {
+    let tight = DEFAULT_TOML
+        .replace(
+            "stream = { chunk = 1, buffer = 64 }",
+            "stream = { chunk = 1, buffer = 1 }",
+        )
+        .replace(
+            "stream = { chunk = 8, buffer = 16 }",
+            "stream = { chunk = 1, buffer = 1 }",
+        );
+    assert_ne!(tight, DEFAULT_TOML);
+    let body = json!({
+        "messages": [{"role": "user", "content": "Count to five."}],
+        "modalities": ["text", "audio"],
+        "audio": {"voice": "leo", "format": "wav"},
+        "max_tokens": 24,
+        "seed": 9,
+    });
+    let mut answers = Vec::new();
+    for toml in [DEFAULT_TOML, tight.as_str()] {
+        let server = common::start(toml).await;
+        let (status, id, answer) = server
+            .post_with_id("/v1/chat/completions", body.clone())
+            .await;
+        assert_eq!(status, 200, "{answer}");
+        let message = &answer["choices"][0]["message"];
+        let (samples, _) = wav_samples(&b64(message["audio"]["data"].as_str().unwrap()));
+        let (_, trace) = server
+            .get_text(&format!("/v1/requests/{}/trace", id.unwrap()))
+            .await;
+        let trace: Value = serde_json::from_str(&trace).unwrap();
+        let holds: u64 = trace["edges"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["holds"].as_u64().unwrap())
+            .sum();
+        answers.push((samples, message["audio"]["transcript"].clone(), holds));
+    }
+    let (loose, tight) = (&answers[0], &answers[1]);
+    assert_eq!(loose.1, tight.1, "the text changed");
+    assert!(max_diff(&loose.0, &tight.0) <= 1, "the audio changed");
+    assert!(
+        tight.2 > 0,
+        "no producer was ever held with one chunk of buffer"
+    );
+}

@@ -31,6 +31,8 @@ pub struct EdgeTrace {
     pub edge: String,
     /// Deliveries: 1 for a plain edge, the chunk count for a streamed one.
     pub chunks: u64,
+    /// Times the producer was held back on the edge's buffer bound.
+    pub holds: u64,
     pub bytes: u64,
     pub transfer_ms: f64,
 }

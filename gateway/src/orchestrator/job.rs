@@ -445,6 +445,11 @@ impl JobRun {
             return;
         }
         flow.holding = hold;
+        if hold {
+            let label = &self.orch.edges[e].label;
+            self.trace.held(label);
+            self.orch.observer.held(label);
+        }
         if let Some(&replica) = self.active.get(&from) {
             self.orch.stages[from].hold(replica, self.request.id, hold);
         }

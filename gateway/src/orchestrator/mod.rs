@@ -68,6 +68,8 @@ pub trait JobObserver: Send + Sync {
     fn finished(&self, outcome: &str, since_start: std::time::Duration);
     /// One delivery (a whole payload, or one chunk of a streamed edge).
     fn transfer(&self, edge: &str, bytes: usize, seconds: f64);
+    /// A producer was held back: its consumer on this streamed edge has a full buffer.
+    fn held(&self, edge: &str);
 }
 
 /// One edge as the runtime uses it.
