@@ -416,6 +416,16 @@ fn shipped_deployment_files_parse() {
         Some("thinker")
     );
 
+    let talker = g.stage("talker").unwrap();
+    assert_eq!(
+        talker.outputs,
+        vec![PayloadKind::Tokens, PayloadKind::Codes]
+    );
+    assert_eq!(
+        g.output_stage(Modality::Audio).map(|s| s.id.as_str()),
+        Some("codec")
+    );
+
     for name in ["tiny-omni.toml", "tiny-image.toml"] {
         let (path, text) = shipped(name);
         let g = DeployGraph::from_toml_str(&text, &path, Path::new("/cache"), &[]).unwrap();

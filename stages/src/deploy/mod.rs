@@ -193,8 +193,7 @@ impl StageKind {
     }
 
     /// What a stage produces when its `outputs` field is left out: everything it can produce.
-    /// (An `llm` stage makes codes only as a talker; the loader adds them when it has a
-    /// `[stage.talker]` table.)
+    /// (An `llm` stage makes codes only as a talker; a talker's default is tokens and codes.)
     pub fn default_outputs(self) -> Vec<PayloadKind> {
         self.produces()
             .iter()

@@ -330,8 +330,9 @@ fn stage(n: usize, value: &Value, file: &str, base_dir: &Path) -> Result<StageSp
             &format!("only llm stages speak; this stage is {kind}"),
         ));
     }
-    if talker.is_some() && !outputs_given && !outputs.contains(&PayloadKind::Codes) {
-        outputs.push(PayloadKind::Codes);
+    if talker.is_some() && !outputs_given {
+        // A talker writes codec tokens: their ids, and the frames they make.
+        outputs = vec![PayloadKind::Tokens, PayloadKind::Codes];
     }
     if talker.is_none() && outputs.contains(&PayloadKind::Codes) {
         return Err(bad(
