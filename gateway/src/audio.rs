@@ -72,28 +72,32 @@ pub fn resolve_voice(
     param: &str,
 ) -> Result<String, BadRequest> {
     let voice = voice.unwrap_or(DEFAULT_VOICE);
-    let known = match talker(graph) {
+    let talker = talker(graph);
+    let known = match talker {
         Some(t) => t.voices.contains_key(voice),
         None => voice == DEFAULT_VOICE,
     };
     if known {
         return Ok(voice.to_string());
     }
-    let names = talker(graph).map_or_else(|| DEFAULT_VOICE.to_string(), |t| t.voice_names());
+    let names = talker.map_or_else(|| DEFAULT_VOICE.to_string(), |t| t.voice_names());
     Err(BadRequest::new(
         param,
         format!("unknown voice `{voice}`; this deployment has: {names}"),
     ))
 }
 
-/// The audio settings of a request: its voice, and a seed for the codec's noise (the request's
-/// sampling seed when given, so a seeded request sounds the same every time).
-pub fn audio_params(voice: String, seed: Option<u64>, job_hint: u64) -> AudioParams {
+/// The audio settings of a request: its voice, and a seed for the talker's sampler and the
+/// codec's noise (the request's sampling seed when given, so a seeded request sounds the same
+/// every time; else a fresh random one).
+pub fn audio_params(voice: String, seed: Option<u64>) -> AudioParams {
+    use std::hash::{BuildHasher, Hasher};
+    // `RandomState` is seeded from the OS per instance: a fresh random value without a
+    // process-wide generator.
     let seed = seed.unwrap_or_else(|| {
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos() as u64);
-        nanos ^ job_hint.rotate_left(32)
+        std::collections::hash_map::RandomState::new()
+            .build_hasher()
+            .finish()
     });
     AudioParams { voice, seed }
 }
@@ -218,7 +222,7 @@ pub async fn speech(
             seed: req.seed,
             ..SamplingParams::default()
         };
-        let audio = audio_params(voice, req.seed, orch.next_job_id().0);
+        let audio = audio_params(voice, req.seed);
         let job = state.start(
             Prompt::Speak(input),
             sampling,

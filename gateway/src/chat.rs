@@ -56,7 +56,7 @@ pub(crate) async fn chat_completions(
             let orch = state.orchestrator()?;
             let (voice, format) =
                 AudioFields::resolve(req.audio.as_ref(), &orch.graph).map_err(ApiError::bad)?;
-            let params = crate::audio::audio_params(voice, sampling.seed, orch.next_job_id().0);
+            let params = crate::audio::audio_params(voice, sampling.seed);
             (Some(params), Some(format))
         } else {
             (None, None)

@@ -162,6 +162,7 @@ pub fn start(
         if spec.process {
             tracing::warn!(stage = %spec.id, "`process = true` is not yet honoured: the stage runs in the gateway's process");
         }
+        let talker = upstream_talker(&graph, &spec.id);
         let wiring = StageWiring {
             received: graph
                 .edges
@@ -175,8 +176,8 @@ pub fn start(
                 .filter(|e| e.from == spec.id)
                 .map(|e| e.carries)
                 .collect(),
-            codec_levels: upstream_talker(&graph, &spec.id).map(|t| t.canonical_levels()),
-            codebook_size: upstream_talker(&graph, &spec.id).map(|t| t.codebook_size),
+            codec_levels: talker.map(|t| t.canonical_levels()),
+            codebook_size: talker.map(|t| t.codebook_size),
         };
         let mut replicas = Vec::new();
         for replica in 0..spec.replicas {

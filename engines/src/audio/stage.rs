@@ -132,19 +132,14 @@ impl<C: Codec> StageEngine for CodecEngine<C> {
                 }
             }
         }
-        let decoding: Vec<JobId> = ids
-            .iter()
-            .copied()
-            .filter(|id| self.jobs[id].stream.has_work())
+        // Disjoint mutable borrows of the streams with work, in job order.
+        let mut streams: Vec<(JobId, &mut C::Stream)> = self
+            .jobs
+            .iter_mut()
+            .filter(|(id, j)| ids.contains(id) && j.stream.has_work())
+            .map(|(id, j)| (*id, &mut j.stream))
             .collect();
-        if !decoding.is_empty() {
-            // Disjoint mutable borrows of the streams, in `decoding` order.
-            let mut streams: Vec<(JobId, &mut C::Stream)> = self
-                .jobs
-                .iter_mut()
-                .filter(|(id, _)| decoding.contains(id))
-                .map(|(id, j)| (*id, &mut j.stream))
-                .collect();
+        if !streams.is_empty() {
             streams.sort_by_key(|(id, _)| *id);
             let (order, mut refs): (Vec<JobId>, Vec<&mut C::Stream>) = streams.into_iter().unzip();
             let samples = self
@@ -168,19 +163,14 @@ impl<C: Codec> StageEngine for CodecEngine<C> {
         }
         for id in ids {
             if self.jobs.get(&id).is_some_and(|j| j.stream.is_done()) {
-                if let Some(j) = self.jobs.remove(&id) {
-                    emit(
-                        id,
-                        StageEvent::Finished {
-                            reason: FinishReason::Complete,
-                            usage: Usage {
-                                prompt_tokens: 0,
-                                completion_tokens: 0,
-                            },
-                        },
-                    );
-                    drop(j);
-                }
+                self.jobs.remove(&id);
+                emit(
+                    id,
+                    StageEvent::Finished {
+                        reason: FinishReason::Complete,
+                        usage: Usage::default(),
+                    },
+                );
             }
         }
         Ok(())

@@ -490,13 +490,12 @@ impl JobRun {
                 // Nothing was streamed: deliver as a plain edge would.
             }
             let edge = &self.orch.edges[e];
-            let parts = self.gathered.remove(&e).unwrap_or_default();
             let parts = match self.flows.get_mut(&e) {
                 Some(flow) => {
                     flow.close_sent = true;
                     flow.take_chunk().unwrap_or_default()
                 }
-                None => parts,
+                None => self.gathered.remove(&e).unwrap_or_default(),
             };
             // A stage may legitimately finish with nothing (an LLM that stops at once, a talker
             // that ends before a whole frame): empty text, tokens or codes, not a failure.
