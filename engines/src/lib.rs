@@ -12,4 +12,5 @@ pub mod diffusion;
 pub mod factory;
 pub mod kernels;
 pub mod llm;
+pub mod media;
 pub mod tiny;

@@ -25,6 +25,7 @@ fn input(first: Vec<Payload>, streaming: bool, seed: u64) -> StageInput {
             outputs: vec![Modality::Audio],
             deadline: Instant::now() + Duration::from_secs(60),
             image: None,
+            media: Vec::new(),
             audio: Some(AudioParams {
                 voice: "default".into(),
                 seed,

@@ -55,6 +55,7 @@ fn request(id: u64, prompt: &str, image: ImageParams) -> Arc<JobRequest> {
         outputs: vec![omnistage_stages::Modality::Image],
         deadline: Instant::now() + Duration::from_secs(600),
         image: Some(image),
+        media: Vec::new(),
         audio: None,
     })
 }

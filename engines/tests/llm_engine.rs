@@ -32,6 +32,7 @@ fn input(prompt: &str, sampling: SamplingParams) -> StageInput {
         outputs: vec![Modality::Text],
         deadline: Instant::now() + Duration::from_secs(60),
         image: None,
+        media: Vec::new(),
         audio: None,
     };
     StageInput {

@@ -41,6 +41,7 @@ fn input(tokens: &[u32], max_tokens: usize) -> StageInput {
         outputs: vec![Modality::Text],
         deadline: Instant::now() + Duration::from_secs(600),
         image: None,
+        media: Vec::new(),
         audio: None,
     };
     StageInput {

@@ -108,6 +108,7 @@ fn a_talker_with_a_hidden_edge_builds_and_speaks() {
         outputs: vec![Modality::Audio],
         deadline: Instant::now() + Duration::from_secs(60),
         image: None,
+        media: Vec::new(),
         audio: Some(AudioParams {
             voice: "default".into(),
             seed: 3,

@@ -229,6 +229,7 @@ pub async fn speech(
             vec![Modality::Audio],
             None,
             Some(audio),
+            Vec::new(),
         )?;
         Ok::<_, ApiError>((job, format, req.stream))
     })();

@@ -61,7 +61,14 @@ pub(crate) async fn chat_completions(
         } else {
             (None, None)
         };
-        let job = state.start(Prompt::Chat(messages), sampling, outputs, image, audio)?;
+        let job = state.start(
+            Prompt::Chat(messages),
+            sampling,
+            outputs,
+            image,
+            audio,
+            Vec::new(),
+        )?;
         let mut reply = ReplyOptions::new(req.stream, &req.stream_options, &req.sampling);
         reply.audio = format;
         Ok::<_, ApiError>((job, reply))
@@ -83,7 +90,14 @@ pub(crate) async fn completions(
         let mut sampling = req.sampling.to_params().map_err(ApiError::bad)?;
         // OpenAI's default for legacy completions.
         sampling.max_tokens = sampling.max_tokens.or(Some(16));
-        let job = state.start(prompt, sampling, vec![Modality::Text], None, None)?;
+        let job = state.start(
+            prompt,
+            sampling,
+            vec![Modality::Text],
+            None,
+            None,
+            Vec::new(),
+        )?;
         Ok::<_, ApiError>((
             job,
             ReplyOptions::new(req.stream, &req.stream_options, &req.sampling),

@@ -207,6 +207,7 @@ pub async fn images_generations(
             vec![Modality::Image],
             Some(params),
             None,
+            Vec::new(),
         )
     })();
     let mut job = match prepared {

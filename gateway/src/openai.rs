@@ -258,7 +258,10 @@ impl ChatCompletionRequest {
             } else {
                 m.role.clone()
             };
-            out.push(ChatMessage { role, content });
+            out.push(ChatMessage {
+                role,
+                content: omnistage_stages::MessageContent::Text(content),
+            });
         }
         Ok(out)
     }
@@ -384,7 +387,7 @@ mod tests {
             r#"{"model":"m","messages":[{"role":"system","content":"be brief"},{"role":"user","content":[{"type":"text","text":"hi "},{"type":"text","text":"there"}]}]}"#,
         );
         let m = r.chat_messages().unwrap();
-        assert_eq!(m[1].content, "hi there");
+        assert_eq!(m[1].content.text(), "hi there");
         assert_eq!(r.output_modalities().unwrap(), vec![Modality::Text]);
     }
 

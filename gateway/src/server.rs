@@ -11,7 +11,9 @@ use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use omnistage_stages::{AudioParams, ImageParams, JobRequest, Modality, Prompt, SamplingParams};
+use omnistage_stages::{
+    AudioParams, ImageParams, JobRequest, MediaInput, Modality, Prompt, SamplingParams,
+};
 use serde::de::DeserializeOwned;
 use serde_json::{json, Value};
 use std::sync::Arc;
@@ -183,6 +185,7 @@ impl AppState {
         outputs: Vec<Modality>,
         image: Option<ImageParams>,
         audio: Option<AudioParams>,
+        media: Vec<MediaInput>,
     ) -> Result<JobStream, ApiError> {
         let orch = self.orchestrator()?;
         let request = JobRequest {
@@ -193,6 +196,7 @@ impl AppState {
             deadline: Instant::now() + self.request_timeout,
             image,
             audio,
+            media,
         };
         orch.submit(request).map_err(|e| ApiError::from_job(&e))
     }

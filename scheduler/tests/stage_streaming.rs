@@ -138,6 +138,7 @@ fn streamed_input(first: &[u32]) -> StageInput {
             outputs: vec![Modality::Audio],
             deadline: Instant::now() + Duration::from_secs(3600),
             image: None,
+            media: Vec::new(),
             audio: None,
         }),
         upstream: vec![Payload::Tokens(first.to_vec().into())],

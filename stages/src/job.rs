@@ -1,5 +1,6 @@
 //! What a request asks of the stage graph, as every stage sees it.
 
+use crate::media::MediaInput;
 use crate::payload::Payload;
 use serde::{Deserialize, Serialize};
 use std::fmt;
@@ -45,7 +46,65 @@ impl fmt::Display for Modality {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ChatMessage {
     pub role: String,
-    pub content: String,
+    pub content: MessageContent,
+}
+
+impl ChatMessage {
+    /// A turn of plain text.
+    pub fn text(role: &str, content: &str) -> Self {
+        Self {
+            role: role.to_string(),
+            content: MessageContent::Text(content.to_string()),
+        }
+    }
+}
+
+/// A turn's content: plain text, or parts in order when the turn carries images or audio. A chat
+/// template sees a string, or a list of `{"type": "text", "text": ...}`, `{"type": "image"}` and
+/// `{"type": "audio"}` (Hugging Face processors' shape), and writes the model's placeholder for
+/// each media part.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum MessageContent {
+    Text(String),
+    Parts(Vec<ContentPart>),
+}
+
+impl From<&str> for MessageContent {
+    fn from(text: &str) -> Self {
+        MessageContent::Text(text.to_string())
+    }
+}
+
+impl From<String> for MessageContent {
+    fn from(text: String) -> Self {
+        MessageContent::Text(text)
+    }
+}
+
+impl MessageContent {
+    /// The text parts joined (media parts left out).
+    pub fn text(&self) -> String {
+        match self {
+            MessageContent::Text(t) => t.clone(),
+            MessageContent::Parts(parts) => parts
+                .iter()
+                .filter_map(|p| match p {
+                    ContentPart::Text { text } => Some(text.as_str()),
+                    _ => None,
+                })
+                .collect(),
+        }
+    }
+}
+
+/// One part of a turn. Media parts stand for the request's `media` items in order of appearance.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ContentPart {
+    Text { text: String },
+    Image,
+    Audio,
 }
 
 /// The request's input before any stage touched it.
@@ -149,6 +208,9 @@ pub struct JobRequest {
     pub image: Option<ImageParams>,
     /// Audio settings; `None` for requests without an audio output.
     pub audio: Option<AudioParams>,
+    /// Images and audio clips of the prompt, in order of appearance (media encoder stages
+    /// encode them; an LLM splices their embeddings in place of placeholder tokens).
+    pub media: Vec<MediaInput>,
 }
 
 /// What a stage receives for one job: the request plus whatever its inbound edges delivered.

@@ -10,14 +10,16 @@
 pub mod deploy;
 pub mod engine;
 pub mod job;
+pub mod media;
 pub mod payload;
 
 pub use engine::{EngineError, EngineStats, StageEngine, StageEvent, StepWork};
 pub use job::{
-    AudioParams, ChatMessage, FinishReason, ImageParams, JobId, JobRequest, Modality, Prompt,
-    SamplingParams, StageInput, Usage,
+    AudioParams, ChatMessage, ContentPart, FinishReason, ImageParams, JobId, JobRequest, MessageContent, Modality,
+    Prompt, SamplingParams, StageInput, Usage,
 };
+pub use media::{MediaData, MediaDigest, MediaInput};
 pub use payload::{
-    CodecFrames, Conditioning, HiddenStates, Latents, Payload, PayloadKind, PcmAudio, RgbImages,
+    CodecFrames, Conditioning, HiddenStates, Latents, MediaEmbedding, Payload, PayloadKind, PcmAudio, RgbImages,
     TextEmbedding,
 };

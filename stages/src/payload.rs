@@ -17,8 +17,11 @@ pub enum PayloadKind {
     Tokens,
     /// Final-layer hidden states, one row per token.
     Hidden,
-    /// Conditioning embeddings (encoder outputs).
+    /// Conditioning embeddings (text encoder outputs for diffusion).
     Embeddings,
+    /// Embeddings of the request's images or audio clips (media encoder outputs), spliced into
+    /// an LLM's prompt in place of placeholder tokens.
+    MediaEmbeddings,
     /// Diffusion latents.
     Latents,
     /// Decoded RGB image.
@@ -30,11 +33,12 @@ pub enum PayloadKind {
 }
 
 impl PayloadKind {
-    pub const ALL: [PayloadKind; 8] = [
+    pub const ALL: [PayloadKind; 9] = [
         PayloadKind::Text,
         PayloadKind::Tokens,
         PayloadKind::Hidden,
         PayloadKind::Embeddings,
+        PayloadKind::MediaEmbeddings,
         PayloadKind::Latents,
         PayloadKind::Image,
         PayloadKind::Codes,
@@ -47,6 +51,7 @@ impl PayloadKind {
             PayloadKind::Tokens => "tokens",
             PayloadKind::Hidden => "hidden",
             PayloadKind::Embeddings => "embeddings",
+            PayloadKind::MediaEmbeddings => "media_embeddings",
             PayloadKind::Latents => "latents",
             PayloadKind::Image => "image",
             PayloadKind::Codes => "codes",
@@ -107,6 +112,15 @@ pub struct TextEmbedding {
 pub struct Conditioning {
     pub positive: TextEmbedding,
     pub negative: Option<TextEmbedding>,
+}
+
+/// An encoder's output for one image or audio clip of the request: one row per placeholder
+/// token it fills in the LLM's prompt, already in the LLM's embedding width.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MediaEmbedding {
+    /// Index of the item in the request's `media` list.
+    pub media: usize,
+    pub rows: HiddenStates,
 }
 
 /// `n` latent images of one shape (`n × channels × height × width`, row-major f32), in the
@@ -184,6 +198,8 @@ pub enum Payload {
     Tokens(Arc<[u32]>),
     Hidden(HiddenStates),
     Embeddings(Arc<Conditioning>),
+    /// Encoded media items, ordered by their index in the request.
+    MediaEmbeddings(Arc<[MediaEmbedding]>),
     Latents(Latents),
     Image(RgbImages),
     Codes(CodecFrames),
@@ -197,6 +213,7 @@ impl Payload {
             Payload::Tokens(_) => PayloadKind::Tokens,
             Payload::Hidden(_) => PayloadKind::Hidden,
             Payload::Embeddings(_) => PayloadKind::Embeddings,
+            Payload::MediaEmbeddings(_) => PayloadKind::MediaEmbeddings,
             Payload::Latents(_) => PayloadKind::Latents,
             Payload::Image(_) => PayloadKind::Image,
             Payload::Codes(_) => PayloadKind::Codes,
@@ -212,6 +229,7 @@ impl Payload {
             Payload::Tokens(t) => t.len(),
             Payload::Hidden(h) => h.rows,
             Payload::Embeddings(_) => 1,
+            Payload::MediaEmbeddings(m) => m.len(),
             Payload::Latents(l) => l.n,
             Payload::Image(i) => i.n,
             Payload::Codes(c) => c.frames,
@@ -229,6 +247,7 @@ impl Payload {
                 let one = |e: &TextEmbedding| (e.tokens.data.len() + e.pooled.len()) * 4;
                 one(&c.positive) + c.negative.as_ref().map_or(0, one)
             }
+            Payload::MediaEmbeddings(m) => m.iter().map(|e| e.rows.data.len() * 4).sum(),
             Payload::Latents(l) => l.data.len() * 4,
             Payload::Image(i) => i.pixels.len(),
             Payload::Codes(c) => c.codes.len() * 4,
@@ -350,6 +369,17 @@ impl Payload {
                     samples: samples.into(),
                     sample_rate: rate,
                 })
+            }
+            PayloadKind::MediaEmbeddings => {
+                let mut items: Vec<MediaEmbedding> = parts
+                    .iter()
+                    .flat_map(|p| match p {
+                        Payload::MediaEmbeddings(m) => m.to_vec(),
+                        _ => Vec::new(),
+                    })
+                    .collect();
+                items.sort_by_key(|e| e.media);
+                Payload::MediaEmbeddings(items.into())
             }
             PayloadKind::Embeddings => return None,
         })

@@ -185,10 +185,7 @@ impl LlmEngine {
             .iter()
             .find(|p| matches!(p, Payload::Text(_)))
         {
-            let messages = [ChatMessage {
-                role: "user".into(),
-                content: text.to_string(),
-            }];
+            let messages = [ChatMessage::text("user", text)];
             return match self.template {
                 Some(_) => encode(&self.render_chat(&messages)?, false),
                 None => encode(text, true),
@@ -200,10 +197,7 @@ impl LlmEngine {
             // The context for speaking: the text as a user turn; the forced output is the text.
             Prompt::Speak(text) => match self.template {
                 Some(_) => {
-                    let messages = [ChatMessage {
-                        role: "user".into(),
-                        content: text.clone(),
-                    }];
+                    let messages = [ChatMessage::text("user", text)];
                     encode(&self.render_chat(&messages)?, false)
                 }
                 None => encode(text, true),

@@ -72,6 +72,7 @@ pub fn request(prompt: Prompt, voice: Option<&str>, seed: u64) -> Arc<JobRequest
         outputs: vec![Modality::Text, Modality::Audio],
         deadline: Instant::now() + Duration::from_secs(60),
         image: None,
+        media: Vec::new(),
         audio: voice.map(|v| AudioParams {
             voice: v.to_string(),
             seed,

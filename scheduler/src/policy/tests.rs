@@ -23,6 +23,7 @@ fn input(prompt_len: usize) -> StageInput {
             outputs: vec![Modality::Text],
             deadline: Instant::now() + Duration::from_secs(3600),
             image: None,
+            media: Vec::new(),
             audio: None,
         }),
         upstream: Vec::new(),

@@ -16,12 +16,14 @@
 
 mod env;
 mod image;
+mod media;
 mod raw;
 mod render;
 mod talker;
 mod validate;
 
 pub use image::{ImageSettings, IMAGE_SIDE_MULTIPLE};
+pub use media::{EncoderSettings, MediaLimits};
 pub use talker::{TalkerSettings, DEFAULT_VOICE};
 
 use crate::job::{Modality, SamplingParams};
@@ -103,6 +105,8 @@ pub struct StageSpec {
     pub image: ImageSettings,
     /// Codec-token layout, prompt and voices of an `llm` stage that speaks (`[stage.talker]`).
     pub talker: Option<TalkerSettings>,
+    /// What an encoder stage encodes and its embedding cache (`[stage.encoder]`).
+    pub encoder: EncoderSettings,
     /// Run in its own worker process (multi-process issue); accepted and validated here.
     pub process: bool,
 }
@@ -141,6 +145,8 @@ pub struct DeployGraph {
     pub edges: Vec<EdgeSpec>,
     /// Final output modality → producing stage id (in a stable order).
     pub outputs: Vec<(Modality, String)>,
+    /// What chat requests may carry as image and audio parts (`[media]`).
+    pub media: MediaLimits,
 }
 
 impl StageKind {
@@ -174,7 +180,7 @@ impl StageKind {
             StageKind::Dit => &[Latents],
             StageKind::Vae => &[Image],
             StageKind::Codec => &[Pcm],
-            StageKind::Encoder => &[Embeddings, Hidden],
+            StageKind::Encoder => &[Embeddings, Hidden, MediaEmbeddings],
             StageKind::Router => &PayloadKind::ALL,
         }
     }
@@ -183,7 +189,7 @@ impl StageKind {
     pub fn accepts(self) -> &'static [PayloadKind] {
         use PayloadKind::*;
         match self {
-            StageKind::Llm => &[Text, Tokens, Hidden, Embeddings],
+            StageKind::Llm => &[Text, Tokens, Hidden, Embeddings, MediaEmbeddings],
             StageKind::Dit => &[Embeddings, Hidden, Text],
             StageKind::Vae => &[Latents],
             StageKind::Codec => &[Codes],
@@ -199,6 +205,7 @@ impl StageKind {
             .iter()
             .copied()
             .filter(|p| !(self == StageKind::Llm && *p == PayloadKind::Codes))
+            .filter(|p| !(self == StageKind::Encoder && *p == PayloadKind::MediaEmbeddings))
             .collect()
     }
 }
@@ -612,6 +619,19 @@ impl DeployGraph {
     pub fn output_stage(&self, m: Modality) -> Option<&StageSpec> {
         let (_, id) = self.outputs.iter().find(|(o, _)| *o == m)?;
         self.stage(id)
+    }
+
+    /// The stages that encode the request's media of modality `m` (images or audio) for an LLM;
+    /// empty when the deployment takes no such input.
+    pub fn media_encoders(&self, m: Modality) -> impl Iterator<Item = &StageSpec> {
+        self.stages.iter().filter(move |s| {
+            s.kind == StageKind::Encoder && m != Modality::Text && s.encoder.encodes == m
+        })
+    }
+
+    /// Whether chat requests may carry media of modality `m`.
+    pub fn takes_media(&self, m: Modality) -> bool {
+        self.media_encoders(m).next().is_some()
     }
 
     /// A human-readable summary: stages (kind, device, dtype, batching), edges, outputs.

@@ -5,8 +5,8 @@
 //! converting) and `deny_unknown_fields`, so a typo never passes silently.
 
 use super::{
-    env, join, DType, DeployError, DeployGraph, DeviceSpec, EdgeSpec, ImageSettings, Site,
-    StageKind, StageSpec, StreamSpec,
+    env, join, DType, DeployError, DeployGraph, DeviceSpec, EdgeSpec, EncoderSettings,
+    ImageSettings, MediaLimits, Site, StageKind, StageSpec, StreamSpec,
 };
 use super::{ConnectorKind, Modality, PayloadKind, SamplingParams};
 use config::{Config, File, FileFormat};
@@ -52,6 +52,7 @@ pub(super) const STAGE_FIELDS: &[(&str, FieldTy)] = &[
     ("sampling", FieldTy::Table),
     ("image", FieldTy::Table),
     ("talker", FieldTy::Table),
+    ("encoder", FieldTy::Table),
     ("process", FieldTy::Bool),
 ];
 
@@ -68,7 +69,7 @@ pub(super) const SAMPLING_FIELDS: &[(&str, FieldTy)] = &[
     ("ignore_eos", FieldTy::Bool),
 ];
 
-const TOP_FIELDS: &[&str] = &["name", "stage", "edge", "outputs"];
+const TOP_FIELDS: &[&str] = &["name", "stage", "edge", "outputs", "media"];
 const EDGE_FIELDS: &[&str] = &["from", "to", "carries", "connector", "stream"];
 const STREAM_FIELDS: &[&str] = &["chunk", "buffer"];
 
@@ -79,6 +80,7 @@ pub(super) struct RawTop {
     stage: Option<Vec<Value>>,
     edge: Option<Vec<Value>>,
     outputs: Option<Map<String, Value>>,
+    media: Option<Map<String, Value>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -102,6 +104,7 @@ pub(super) struct RawStage {
     sampling: Option<Map<String, Value>>,
     image: Option<Map<String, Value>>,
     talker: Option<Map<String, Value>>,
+    encoder: Option<Map<String, Value>>,
     process: Option<bool>,
 }
 
@@ -214,12 +217,17 @@ pub(super) fn build_graph(
         outputs.push((modality, id));
     }
     outputs.sort();
+    let media = match top.media {
+        Some(m) => super::media::parse_limits(&m, file)?,
+        None => MediaLimits::default(),
+    };
     Ok(DeployGraph {
         source: file.into(),
         name: top.name.unwrap_or_default(),
         stages,
         edges,
         outputs,
+        media,
     })
 }
 
@@ -330,6 +338,36 @@ fn stage(n: usize, value: &Value, file: &str, base_dir: &Path) -> Result<StageSp
             &format!("only llm stages speak; this stage is {kind}"),
         ));
     }
+    let encoder = match r.encoder {
+        Some(m) if kind == StageKind::Encoder => super::media::parse_encoder(&m, file, &site)?,
+        Some(_) => {
+            return Err(bad(
+                file,
+                &site,
+                "encoder",
+                &format!("only encoder stages take an [stage.encoder] table; this stage is {kind}"),
+            ))
+        }
+        None => EncoderSettings::default(),
+    };
+    if kind == StageKind::Encoder {
+        let media = encoder.encodes != Modality::Text;
+        if media && !outputs_given {
+            outputs = vec![PayloadKind::MediaEmbeddings];
+        }
+        if media != outputs.contains(&PayloadKind::MediaEmbeddings) || (media && outputs.len() > 1)
+        {
+            let message = if media {
+                format!(
+                    "an encoder of {} produces only `media_embeddings`",
+                    encoder.encodes
+                )
+            } else {
+                "`media_embeddings` come from an image or audio encoder: set [stage.encoder] encodes = \"image\" or \"audio\"".to_string()
+            };
+            return Err(bad(file, &site, "outputs", &message));
+        }
+    }
     if talker.is_some() && !outputs_given {
         // A talker writes codec tokens: their ids, and the frames they make.
         outputs = vec![PayloadKind::Tokens, PayloadKind::Codes];
@@ -391,6 +429,7 @@ fn stage(n: usize, value: &Value, file: &str, base_dir: &Path) -> Result<StageSp
         sampling,
         image,
         talker,
+        encoder,
         process: r.process.unwrap_or(false),
         id,
     })

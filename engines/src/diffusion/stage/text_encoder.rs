@@ -49,7 +49,7 @@ fn prompt_text(input: &StageInput) -> Result<String, EngineError> {
             .iter()
             .rev()
             .find(|m| m.role == "user")
-            .map(|m| m.content.clone())
+            .map(|m| m.content.text())
             .ok_or_else(|| {
                 EngineError::InvalidInput("the chat has no user message to draw from".into())
             }),

@@ -226,7 +226,7 @@ fn text_to_speak(input: &StageInput) -> Result<String, EngineError> {
             .iter()
             .rev()
             .find(|m| m.role == "user")
-            .map(|m| m.content.clone())
+            .map(|m| m.content.text())
             .ok_or_else(|| {
                 EngineError::InvalidInput("the chat has no user message to speak".into())
             }),
