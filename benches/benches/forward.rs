@@ -107,6 +107,7 @@ fn main() {
                 past: 0,
                 block_table: &tables[s],
                 want_hidden: false,
+                splice: &[],
             };
             model.forward_paged(&mut pool, &[chunk]).expect("prefill");
         }
@@ -119,6 +120,7 @@ fn main() {
                     past: context + step,
                     block_table: &tables[s],
                     want_hidden: false,
+                    splice: &[],
                 })
                 .collect();
             let t = Instant::now();

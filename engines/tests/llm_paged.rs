@@ -56,6 +56,7 @@ fn pc<'a>(tokens: &'a [u32], past: usize, table: &'a [u32], hidden: bool) -> Pag
         past,
         block_table: table,
         want_hidden: hidden,
+        splice: &[],
     }
 }
 

@@ -73,6 +73,11 @@ pub struct EngineStats {
     pub images_total: u64,
     /// PCM samples produced (codec stages).
     pub audio_samples_total: u64,
+    /// Media items encoded by the model (media encoder stages), and the items looked up in the
+    /// embedding cache and found there.
+    pub media_encoded_total: u64,
+    pub encoder_cache_queries_total: u64,
+    pub encoder_cache_hits_total: u64,
 }
 
 /// A batched engine driven by a stage scheduler on the stage's own OS thread.

@@ -16,6 +16,7 @@ use super::model::LlmModel;
 use super::paged::PagedChunk;
 use super::sampling::{ResolvedSampling, Sampler};
 use super::sequence::Sequence;
+use super::splice::{chunk_splice, splice_prompt, MediaPlaceholders};
 use super::stop::StopMatcher;
 use super::tokenizer::{StreamDecoder, TextTokenizer};
 use candle_core::{DType, Device};
@@ -85,6 +86,7 @@ pub struct LlmEngine {
     kv: KvState,
     seqs: HashMap<JobId, Sequence>,
     next_arrival: u64,
+    placeholders: MediaPlaceholders,
 }
 
 impl LlmEngine {
@@ -104,7 +106,21 @@ impl LlmEngine {
         let tokenizer = TextTokenizer::load(dir).map_err(|e| load_err(e.to_string()))?;
         let template = ChatTemplate::load(dir).map_err(|e| load_err(e.to_string()))?;
         let generation = GenerationConfig::load(dir).map_err(|e| load_err(e.to_string()))?;
-        Self::new(model, tokenizer, template, generation, settings)
+        let placeholders = MediaPlaceholders::load(dir).map_err(load_err)?;
+        Ok(Self::new(model, tokenizer, template, generation, settings)?
+            .with_media_placeholders(placeholders))
+    }
+
+    /// Sets the token ids that stand for images and audio in prompts (read from `config.json`
+    /// by [`Self::load`]).
+    pub fn with_media_placeholders(mut self, placeholders: MediaPlaceholders) -> Self {
+        self.placeholders = placeholders;
+        self
+    }
+
+    /// The token ids that stand for images and audio in prompts.
+    pub fn media_placeholders(&self) -> MediaPlaceholders {
+        self.placeholders
     }
 
     /// Assembles an engine from loaded parts and allocates its KV pool.
@@ -134,6 +150,7 @@ impl LlmEngine {
             kv,
             seqs: HashMap::new(),
             next_arrival: 0,
+            placeholders: MediaPlaceholders::default(),
         })
     }
 
@@ -219,7 +236,24 @@ impl LlmEngine {
 
 impl StageEngine for LlmEngine {
     fn admit(&mut self, job: JobId, input: StageInput) -> Result<usize, EngineError> {
-        let prompt = self.prompt_tokens(&input)?;
+        let embedded: Vec<_> = input
+            .upstream
+            .iter()
+            .flat_map(|p| match p {
+                Payload::MediaEmbeddings(items) => items.to_vec(),
+                _ => Vec::new(),
+            })
+            .collect();
+        let spliced = splice_prompt(
+            self.prompt_tokens(&input)?,
+            &self.placeholders,
+            &input.request.media,
+            &embedded,
+            self.model.config().hidden_size,
+            self.model.dtype(),
+            self.model.device(),
+        )?;
+        let prompt = spliced.tokens;
         if prompt.is_empty() {
             return Err(EngineError::InvalidInput("the prompt is empty".into()));
         }
@@ -248,7 +282,7 @@ impl StageEngine for LlmEngine {
         if !params.ignore_eos {
             stop_ids.extend(self.eos_ids.iter().copied());
         }
-        let cached = self.kv.start(job, &prompt, 0)?;
+        let cached = self.kv.start(job, &prompt, spliced.salt)?;
         // Speaking: the output is the text itself, token by token, whatever the logits say.
         let forced = match (&input.request.prompt, input.upstream.is_empty()) {
             (Prompt::Speak(text), true) => self
@@ -285,6 +319,8 @@ impl StageEngine for LlmEngine {
             stops,
             stop_ids,
             max_tokens,
+            media: spliced.spans,
+            salt: spliced.salt,
         };
         self.next_arrival += 1;
         let pending = seq.pending_prefill();
@@ -310,12 +346,22 @@ impl StageEngine for LlmEngine {
             return Ok(());
         }
         let tables = self.kv.tables(&runnable);
+        let splices = runnable
+            .iter()
+            .map(|(job, n)| {
+                let seq = &self.seqs[job];
+                chunk_splice(&seq.media, seq.computed, *n)
+            })
+            .collect::<candle_core::Result<Vec<_>>>()
+            .map_err(|e| EngineError::Compute(e.to_string()))?;
         let chunks: Vec<PagedChunk<'_>> = runnable
             .iter()
             .zip(&tables)
-            .map(|((job, n), table)| {
+            .zip(&splices)
+            .map(|(((job, n), table), splice)| {
                 let seq = &self.seqs[job];
                 PagedChunk {
+                    splice,
                     tokens: &seq.tokens[seq.computed..seq.computed + n],
                     past: seq.computed,
                     block_table: table,

@@ -13,6 +13,7 @@ pub mod paged;
 mod paged_ops;
 pub mod sampling;
 mod sequence;
+pub mod splice;
 pub mod stop;
 pub mod talker;
 pub mod tokenizer;

@@ -171,6 +171,10 @@ pub(crate) struct SeqInput<'a> {
     /// `[tokens.len(), hidden_size]` added to the new tokens' embeddings (checked by the
     /// caller), e.g. a talker's projected thinker states.
     pub(crate) extra: Option<&'a Tensor>,
+    /// Rows that replace the embeddings of runs of new tokens: `(start, rows)` puts `rows`
+    /// (`[len, hidden_size]`) at chunk positions `start..start + len` (ascending, disjoint,
+    /// checked by the caller), e.g. an image encoder's output in place of placeholder tokens.
+    pub(crate) splice: &'a [(usize, Tensor)],
 }
 
 /// Where a forward stores each layer's new keys and values and loads a sequence's context.
@@ -420,6 +424,7 @@ impl LlmModel {
                 past: chunk.cache.len,
                 want_hidden: chunk.want_hidden,
                 extra: None,
+                splice: &[],
             });
         }
         let out = self.forward_core(&seqs, &mut CacheKv(batch))?;
@@ -471,6 +476,9 @@ impl LlmModel {
         if seqs.iter().any(|s| s.extra.is_some()) {
             xs = (xs + self.extra_embeddings(seqs)?)?;
         }
+        if seqs.iter().any(|s| !s.splice.is_empty()) {
+            xs = self.splice_embeddings(&xs, seqs, &spans)?;
+        }
         // RoPE tables for exactly the positions in this batch: pos * inv_freq in f32 (the same
         // arithmetic as a precomputed table, without holding one for the whole context).
         let positions = Tensor::from_vec(positions, (total, 1), &self.device)?;
@@ -511,6 +519,31 @@ impl LlmModel {
             })
             .collect::<candle_core::Result<Vec<_>>>()?;
         Ok(BatchOutput { logits, hidden })
+    }
+
+    /// `xs` (`[T_total, hidden]`) with each sequence's splice rows in place of its token
+    /// embeddings there: the pieces are cut and joined, so kept rows are bit-identical.
+    fn splice_embeddings(
+        &self,
+        xs: &Tensor,
+        seqs: &[SeqInput<'_>],
+        spans: &[Span],
+    ) -> candle_core::Result<Tensor> {
+        let mut pieces = Vec::new();
+        for (seq, span) in seqs.iter().zip(spans) {
+            let mut cursor = 0;
+            for (start, rows) in seq.splice {
+                if *start > cursor {
+                    pieces.push(xs.narrow(0, span.offset + cursor, start - cursor)?);
+                }
+                pieces.push(rows.to_dtype(self.dtype)?);
+                cursor = start + rows.dim(0)?;
+            }
+            if cursor < span.len {
+                pieces.push(xs.narrow(0, span.offset + cursor, span.len - cursor)?);
+            }
+        }
+        Tensor::cat(&pieces, 0)
     }
 
     /// Additive f32 causal mask `[n, past + n]` for a chunk of `n > 1` new tokens (`None` for a

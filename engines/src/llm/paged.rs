@@ -141,6 +141,10 @@ pub struct PagedChunk<'a> {
     pub block_table: &'a [u32],
     /// Whether to return the final hidden states of the new tokens.
     pub want_hidden: bool,
+    /// Embedding rows that replace the new tokens' own at some positions: `(start, rows)`
+    /// covers chunk positions `start..start + rows.dim(0)` (ascending and disjoint; `rows`
+    /// `[len, hidden_size]` on the model's device). Media encoders' outputs enter this way.
+    pub splice: &'a [(usize, Tensor)],
 }
 
 /// One sequence's slot plan for a step.
@@ -441,6 +445,27 @@ impl LlmModel {
                 )));
             }
         }
+        for (i, c) in batch.iter().enumerate() {
+            let mut end = 0;
+            for (start, rows) in c.splice {
+                let len = rows
+                    .dims2()
+                    .ok()
+                    .filter(|(_, h)| *h == cfg.hidden_size)
+                    .map(|d| d.0);
+                let fits = len.is_some_and(|len| *start >= end && start + len <= c.tokens.len());
+                if !fits || !rows.device().same_device(self.device()) {
+                    return Err(LlmError::Input(format!(
+                        "sequence {i}: splice rows {:?} at {start} do not fit a chunk of {} \
+                         tokens of width {} (after position {end})",
+                        rows.dims(),
+                        c.tokens.len(),
+                        cfg.hidden_size
+                    )));
+                }
+                end = start + len.unwrap_or(0);
+            }
+        }
         let plans = plan(pool, batch)?;
         let seqs: Vec<SeqInput<'_>> = batch
             .iter()
@@ -450,6 +475,7 @@ impl LlmModel {
                 past: c.past,
                 want_hidden: c.want_hidden,
                 extra: extra.get(i).copied().flatten(),
+                splice: c.splice,
             })
             .collect();
         self.forward_core(&seqs, &mut PagedKv { pool, plans })

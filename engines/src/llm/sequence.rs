@@ -3,6 +3,7 @@
 
 use super::kv::KvSeq;
 use super::sampling::Sampler;
+use super::splice::SpliceSpan;
 use super::stop::{StopCheck, StopMatcher};
 use super::tokenizer::{StreamDecoder, TextTokenizer};
 use candle_core::Tensor;
@@ -27,6 +28,10 @@ pub(crate) struct Sequence {
     /// Teacher-forced output (speaking a given text): emitted in place of sampled tokens, then
     /// the sequence stops. Empty = sample.
     pub forced: Vec<u32>,
+    /// Media rows spliced into the prompt, by prompt position.
+    pub media: Vec<SpliceSpan>,
+    /// Prefix-cache salt: 0 without media, else a mix of the media digests.
+    pub salt: u64,
 }
 
 impl Sequence {
@@ -126,6 +131,10 @@ impl KvSeq for Sequence {
 
     fn tokens(&self) -> &[u32] {
         &self.tokens
+    }
+
+    fn salt(&self) -> u64 {
+        self.salt
     }
 }
 

@@ -7,6 +7,9 @@
 //! - `whisper`: Whisper's encoder on log-mel features + projector.
 
 
+pub mod cache;
+pub mod stage;
+
 use candle_core::Tensor;
 use omnistage_stages::{EngineError, HiddenStates, MediaData, Modality};
 

@@ -233,7 +233,13 @@ impl JobRun {
                         _ => reason,
                     });
                 }
-                if self.edges_into(s).is_empty() {
+                // The prompt is counted where it enters the graph: at stages whose only inputs
+                // (if any) are encoded media, which become part of their prompt.
+                let entry = self
+                    .edges_into(s)
+                    .iter()
+                    .all(|e| self.orch.edges[*e].carries == PayloadKind::MediaEmbeddings);
+                if entry {
                     self.usage.prompt_tokens += usage.prompt_tokens;
                 }
                 self.release_producers_of(s);

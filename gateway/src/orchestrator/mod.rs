@@ -14,7 +14,7 @@ use crate::trace::TraceStore;
 use dashmap::DashMap;
 use job::{outcome_label, JobPlan, JobRun};
 use omnistage_connectors::Connector;
-use omnistage_stages::deploy::{DeployGraph, StreamSpec};
+use omnistage_stages::deploy::{DeployGraph, StageKind, StreamSpec};
 use omnistage_stages::{
     FinishReason, JobId, JobRequest, Modality, PayloadKind, PcmAudio, RgbImages, StageEvent, Usage,
 };
@@ -148,8 +148,11 @@ impl Orchestrator {
         self.stages.iter().position(|s| s.id() == id)
     }
 
-    /// Stages the request needs: every ancestor of the stages producing its requested outputs.
-    fn plan(&self, outputs: &[Modality]) -> Result<JobPlan, JobError> {
+    /// Stages the request needs: every ancestor of the stages producing its requested outputs,
+    /// except media encoders with nothing of the request to encode (a text-only chat starts at
+    /// the LLM).
+    fn plan(&self, request: &JobRequest) -> Result<JobPlan, JobError> {
+        let outputs = &request.outputs;
         let mut output_stage = BTreeMap::new();
         for m in outputs {
             let stage = self
@@ -161,11 +164,32 @@ impl Orchestrator {
                 .ok_or(JobError::UnsupportedOutput(*m))?;
             output_stage.insert(*m, idx);
         }
+        let carried: BTreeSet<Modality> = request.media.iter().map(|m| m.modality()).collect();
+        let idle_encoder = |s: usize| {
+            let spec = self.graph.stage(self.stages[s].id());
+            spec.is_some_and(|spec| {
+                spec.kind == StageKind::Encoder
+                    && spec.encoder.encodes != Modality::Text
+                    && !carried.contains(&spec.encoder.encodes)
+            })
+        };
         let mut needed = BTreeSet::new();
         let mut todo: Vec<usize> = output_stage.values().copied().collect();
         while let Some(s) = todo.pop() {
-            if needed.insert(s) {
+            if !idle_encoder(s) && needed.insert(s) {
                 todo.extend(self.edges.iter().filter(|e| e.to == s).map(|e| e.from));
+            }
+        }
+        for m in carried {
+            let encoded = needed.iter().any(|s| {
+                self.graph
+                    .stage(self.stages[*s].id())
+                    .is_some_and(|spec| spec.kind == StageKind::Encoder && spec.encoder.encodes == m)
+            });
+            if !encoded {
+                return Err(JobError::InvalidInput(format!(
+                    "the request carries {m} input, but no stage on the way to its outputs encodes {m}"
+                )));
             }
         }
         let edges: Vec<usize> = (0..self.edges.len())
@@ -183,7 +207,7 @@ impl Orchestrator {
     /// Starts a job. Fails at once (no task spawned) when an entry stage's queue is full or an
     /// output cannot be produced; later failures arrive as [`JobEvent::Failed`].
     pub fn submit(self: &Arc<Self>, request: JobRequest) -> Result<JobStream, JobError> {
-        let plan = self.plan(&request.outputs)?;
+        let plan = self.plan(&request)?;
         let request = Arc::new(request);
         let job = request.id;
         let (event_tx, event_rx) = mpsc::unbounded_channel();

@@ -396,6 +396,7 @@ impl StageEngine for TalkerEngine {
                     past: seq.computed,
                     block_table: table,
                     want_hidden: false,
+                    splice: &[],
                 }
             })
             .collect();
