@@ -15,11 +15,11 @@ pub mod payload;
 
 pub use engine::{EngineError, EngineStats, StageEngine, StageEvent, StepWork};
 pub use job::{
-    AudioParams, ChatMessage, ContentPart, FinishReason, ImageParams, JobId, JobRequest, MessageContent, Modality,
-    Prompt, SamplingParams, StageInput, Usage,
+    AudioParams, ChatMessage, ContentPart, FinishReason, ImageParams, JobId, JobRequest,
+    MessageContent, Modality, Prompt, SamplingParams, StageInput, Usage,
 };
 pub use media::{MediaData, MediaDigest, MediaInput};
 pub use payload::{
-    CodecFrames, Conditioning, HiddenStates, Latents, MediaEmbedding, Payload, PayloadKind, PcmAudio, RgbImages,
-    TextEmbedding,
+    CodecFrames, Conditioning, HiddenStates, Latents, MediaEmbedding, Payload, PayloadKind,
+    PcmAudio, RgbImages, TextEmbedding,
 };

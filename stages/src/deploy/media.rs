@@ -96,7 +96,10 @@ struct RawEncoder {
 }
 
 /// Parses the top-level `[media]` table.
-pub(super) fn parse_limits(map: &Map<String, Value>, file: &str) -> Result<MediaLimits, DeployError> {
+pub(super) fn parse_limits(
+    map: &Map<String, Value>,
+    file: &str,
+) -> Result<MediaLimits, DeployError> {
     let site = Site::Top;
     let r: RawMedia = parse_table(map, file, &site, "media.", MEDIA_FIELDS)?;
     let d = MediaLimits::default();
@@ -120,13 +123,21 @@ pub(super) fn parse_limits(map: &Map<String, Value>, file: &str) -> Result<Media
         ));
     }
     Ok(MediaLimits {
-        max_image_bytes: bytes(r.max_image_bytes, "media.max_image_bytes", d.max_image_bytes)?,
+        max_image_bytes: bytes(
+            r.max_image_bytes,
+            "media.max_image_bytes",
+            d.max_image_bytes,
+        )?,
         max_image_pixels: positive(
             r.max_image_pixels,
             "media.max_image_pixels",
             d.max_image_pixels,
         )?,
-        max_audio_bytes: bytes(r.max_audio_bytes, "media.max_audio_bytes", d.max_audio_bytes)?,
+        max_audio_bytes: bytes(
+            r.max_audio_bytes,
+            "media.max_audio_bytes",
+            d.max_audio_bytes,
+        )?,
         max_audio_seconds: seconds,
         max_items: positive(
             r.max_items.map(|v| v as u64),

@@ -1,6 +1,6 @@
 //! Rendering a graph for people: a plain-text summary and a Graphviz DOT digraph.
 
-use super::{join, DeployGraph, EdgeSpec, SamplingParams, StageKind};
+use super::{join, DeployGraph, EdgeSpec, Modality, SamplingParams, StageKind};
 use std::fmt::Write;
 
 /// The text summary behind [`DeployGraph::to_text`].
@@ -60,6 +60,13 @@ pub(super) fn text(g: &DeployGraph) -> String {
                     i.step_cache_threshold
                 );
             }
+            StageKind::Encoder if s.encoder.encodes != Modality::Text => {
+                let _ = writeln!(
+                    out,
+                    "    encodes:  the request's {} input, embedding cache {} bytes",
+                    s.encoder.encodes, s.encoder.cache_bytes
+                );
+            }
             StageKind::Encoder => {
                 let _ = writeln!(out, "    text:     padded to {} tokens", i.max_text_tokens);
             }
@@ -101,6 +108,25 @@ pub(super) fn text(g: &DeployGraph) -> String {
     let _ = writeln!(out, "outputs:");
     for (m, id) in &g.outputs {
         let _ = writeln!(out, "  {m} <- {id}");
+    }
+    let inputs: Vec<String> = [Modality::Image, Modality::Audio]
+        .into_iter()
+        .filter(|m| g.takes_media(*m))
+        .map(|m| m.to_string())
+        .collect();
+    if !inputs.is_empty() {
+        let l = &g.media;
+        let _ = writeln!(
+            out,
+            "media inputs: {} (images <= {} bytes, <= {} pixels; audio <= {} bytes, <= {} s; <= {} per request; URL fetching {})",
+            inputs.join(", "),
+            l.max_image_bytes,
+            l.max_image_pixels,
+            l.max_audio_bytes,
+            l.max_audio_seconds,
+            l.max_items,
+            if l.fetch_urls { "on" } else { "off" }
+        );
     }
     out
 }
