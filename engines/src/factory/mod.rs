@@ -2,11 +2,12 @@
 
 pub mod audio;
 mod image;
+mod media;
 mod talker;
 
 use crate::llm::engine::{LlmEngine, LlmEngineSettings};
 use omnistage_stages::deploy::{DType, DeviceSpec, StageKind, StageSpec};
-use omnistage_stages::{PayloadKind, StageEngine};
+use omnistage_stages::{Modality, PayloadKind, StageEngine};
 
 /// Why a stage's engine could not be built.
 #[derive(Debug, thiserror::Error)]
@@ -58,8 +59,13 @@ pub struct StageWiring {
     pub codebook_size: Option<usize>,
 }
 
-/// Payload kinds an LLM stage can turn into a prompt today.
-const LLM_PROMPT_INPUTS: [PayloadKind; 2] = [PayloadKind::Text, PayloadKind::Tokens];
+/// Payload kinds an LLM stage can turn into a prompt today (media embeddings are spliced in at
+/// the prompt's placeholders).
+const LLM_PROMPT_INPUTS: [PayloadKind; 3] = [
+    PayloadKind::Text,
+    PayloadKind::Tokens,
+    PayloadKind::MediaEmbeddings,
+];
 
 /// Loads the engine for one replica of `spec`.
 pub fn build_engine(
@@ -101,6 +107,9 @@ pub fn build_engine(
                     message: e.to_string(),
                 })?;
             Ok(Box::new(engine))
+        }
+        StageKind::Encoder if spec.encoder.encodes != Modality::Text => {
+            media::build_media_encoder(spec, wiring)
         }
         StageKind::Encoder => image::build_text_encoder(spec, wiring),
         StageKind::Dit => image::build_dit(spec, wiring),

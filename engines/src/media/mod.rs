@@ -6,9 +6,10 @@
 //! - `vision`: ViT (CLIP or SigLIP vision tower) + projector, LLaVA layout;
 //! - `whisper`: Whisper's encoder on log-mel features + projector.
 
-
 pub mod cache;
 pub mod stage;
+pub mod vision;
+pub mod whisper;
 
 use candle_core::Tensor;
 use omnistage_stages::{EngineError, HiddenStates, MediaData, Modality};

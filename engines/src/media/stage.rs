@@ -20,6 +20,9 @@ enum Item {
     Pending(PreparedMedia),
 }
 
+/// Items of a step that share one input shape: (digest, job, slot in the job's items).
+type ShapeGroup = (Vec<usize>, Vec<(MediaDigest, JobId, usize)>);
+
 struct EncodeJob {
     /// (index in the request's media, digest, state).
     items: Vec<(usize, MediaDigest, Item)>,
@@ -142,7 +145,7 @@ impl<E: MediaEncoder> StageEngine for MediaEncoderEngine<E> {
     ) -> Result<(), EngineError> {
         // Every distinct pending item of the step (the same digest in two jobs is encoded once),
         // grouped by input shape: one forward per shape.
-        let mut groups: Vec<(Vec<usize>, Vec<(MediaDigest, JobId, usize)>)> = Vec::new();
+        let mut groups: Vec<ShapeGroup> = Vec::new();
         let mut seen: Vec<MediaDigest> = Vec::new();
         for w in work {
             let Some(state) = self.jobs.get(&w.job) else {

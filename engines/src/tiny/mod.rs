@@ -15,7 +15,10 @@ mod mimi;
 mod sd3;
 mod snac;
 mod talker;
+mod thinker;
 mod vae;
+mod vision;
+mod whisper;
 
 pub use bpe::{BPE_VOCAB_SIZE, ENDOFTEXT, IM_END, IM_START, SPECIAL_TOKENS};
 pub use flux::{write_tiny_flux_transformer, TinyFluxSpec};
@@ -29,7 +32,13 @@ pub use talker::{
     TINY_TALKER_AUDIO_END_TOKEN, TINY_TALKER_AUDIO_START, TINY_TALKER_AUDIO_START_TOKEN,
     TINY_TALKER_CODEC_OFFSET,
 };
+pub use thinker::{
+    write_tiny_thinker, TINY_AUDIO_TOKEN, TINY_AUDIO_TOKEN_ID, TINY_IMAGE_TOKEN,
+    TINY_IMAGE_TOKEN_ID, TINY_OMNI_CHAT_TEMPLATE,
+};
 pub use vae::{write_tiny_vae, TinyVaeSpec};
+pub use vision::{write_tiny_vision, TinyVisionSpec, TinyVisionTower};
+pub use whisper::{write_tiny_whisper, TinyWhisperSpec};
 
 use std::path::{Path, PathBuf};
 
@@ -113,14 +122,16 @@ impl TinyManifest {
 /// Writes the tiny omni model set under `out/tiny-omni/`, one checkpoint per stage kind the
 /// project supports: `thinker/`, a [`TinyLlmSpec::tiny_qwen3`] LLM; `talker/`, a tiny talker
 /// conditioned on the thinker's hidden states, writing SNAC codes in the Orpheus frame layout;
-/// `codec/`, a tiny SNAC decoder; and `image/`, a diffusers text-to-image pipeline folder shared
-/// by the `image-encoder`, `dit` and `vae` stages.
+/// `codec/`, a tiny SNAC decoder; `image/`, a diffusers text-to-image pipeline folder shared
+/// by the `image-encoder`, `dit` and `vae` stages; `vision/` and `audio/`, a tiny CLIP vision
+/// tower and a tiny Whisper encoder, each with a projector into the thinker's width (the thinker
+/// has `<|IMAGE|>` and `<|AUDIO|>` placeholders for them).
 ///
 /// Existing files are overwritten. Same `seed` ⇒ byte-identical files.
 pub fn make_tiny(out: &Path, seed: u64) -> Result<TinyManifest, TinyError> {
     let root = out.join(TINY_OMNI_DIR);
     let thinker = root.join("thinker");
-    let files = write_tiny_llm(&thinker, &TinyLlmSpec::tiny_qwen3(), seed)?;
+    let files = write_tiny_thinker(&thinker, &TinyLlmSpec::tiny_qwen3(), seed)?;
     let talker = root.join("talker");
     let thinker_hidden = TinyLlmSpec::tiny_qwen3().hidden_size;
     let talker_files =
@@ -129,6 +140,19 @@ pub fn make_tiny(out: &Path, seed: u64) -> Result<TinyManifest, TinyError> {
     let codec_files = write_tiny_snac(&codec, &TinySnacSpec::tiny(), seed)?;
     let image = root.join("image");
     let image_files = write_tiny_image_pipeline(&image, seed)?;
+    let vision = root.join("vision");
+    write_tiny_vision(&vision, &TinyVisionSpec::tiny(thinker_hidden), seed)?;
+    let audio = root.join("audio");
+    write_tiny_whisper(&audio, &TinyWhisperSpec::tiny(thinker_hidden), seed)?;
+    let encoder_files = |dir: &Path| {
+        [
+            "config.json",
+            "preprocessor_config.json",
+            "model.safetensors",
+        ]
+        .map(|f| dir.join(f))
+        .to_vec()
+    };
     Ok(TinyManifest {
         root,
         checkpoints: vec![
@@ -155,6 +179,18 @@ pub fn make_tiny(out: &Path, seed: u64) -> Result<TinyManifest, TinyError> {
                 kind: "pipeline".into(),
                 dir: image,
                 files: image_files,
+            },
+            TinyCheckpoint {
+                stage: "vision-encoder".into(),
+                kind: "encoder".into(),
+                files: encoder_files(&vision),
+                dir: vision,
+            },
+            TinyCheckpoint {
+                stage: "audio-encoder".into(),
+                kind: "encoder".into(),
+                files: encoder_files(&audio),
+                dir: audio,
             },
         ],
     })

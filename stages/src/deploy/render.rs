@@ -1,6 +1,6 @@
 //! Rendering a graph for people: a plain-text summary and a Graphviz DOT digraph.
 
-use super::{join, DeployGraph, EdgeSpec, Modality, SamplingParams, StageKind};
+use super::{join, DeployGraph, EdgeSpec, Modality, PayloadKind, SamplingParams, StageKind};
 use std::fmt::Write;
 
 /// The text summary behind [`DeployGraph::to_text`].
@@ -9,8 +9,11 @@ pub(super) fn text(g: &DeployGraph) -> String {
     let _ = writeln!(out, "deployment `{}` ({})", g.name, g.source.display());
     let _ = writeln!(out, "stages ({}):", g.stages.len());
     for s in &g.stages {
-        let entry = if g.inbound(&s.id).next().is_none() {
+        let mut inbound = g.inbound(&s.id).peekable();
+        let entry = if inbound.peek().is_none() {
             "  [entry]"
+        } else if inbound.all(|e| e.carries == PayloadKind::MediaEmbeddings) {
+            "  [entry; after its media encoders when a request carries media]"
         } else {
             ""
         };
