@@ -14,7 +14,7 @@ use std::time::Duration;
 pub const DEFAULT_DEPLOY_TOML: &str = include_str!("../../deploy/tiny-omni.toml");
 
 /// Bumped whenever make-tiny's output changes, so a stale cache is rebuilt.
-const TINY_CACHE_VERSION: &str = "3";
+const TINY_CACHE_VERSION: &str = "4";
 
 /// Why serving could not start.
 #[derive(Debug, thiserror::Error)]

@@ -31,10 +31,10 @@ pub(crate) async fn chat_completions(
     State(state): State<AppState>,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    let prepared = (|| {
+    let prepared = async {
         let req: ChatCompletionRequest = parse_body(body)?;
         state.check_model(req.model.as_deref())?;
-        let messages = req.chat_messages().map_err(ApiError::bad)?;
+        let input = req.chat_messages().map_err(ApiError::bad)?;
         let outputs = req.output_modalities().map_err(ApiError::bad)?;
         let sampling = req.sampling.to_params().map_err(ApiError::bad)?;
         let image = if outputs.contains(&Modality::Image) {
@@ -61,18 +61,28 @@ pub(crate) async fn chat_completions(
         } else {
             (None, None)
         };
+        // Last, as the costliest check: images and clips decoded (off the executor threads).
+        let media = if input.media.is_empty() {
+            Vec::new()
+        } else {
+            let orch = state.orchestrator()?;
+            crate::media::resolve(input.media, &orch.graph)
+                .await
+                .map_err(ApiError::bad)?
+        };
         let job = state.start(
-            Prompt::Chat(messages),
+            Prompt::Chat(input.messages),
             sampling,
             outputs,
             image,
             audio,
-            Vec::new(),
+            media,
         )?;
         let mut reply = ReplyOptions::new(req.stream, &req.stream_options, &req.sampling);
         reply.audio = format;
         Ok::<_, ApiError>((job, reply))
-    })();
+    }
+    .await;
     match prepared {
         Ok((job, reply)) => respond(state, job, Flavor::Chat, reply).await,
         Err(e) => state.fail(e),

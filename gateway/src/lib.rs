@@ -10,6 +10,7 @@ pub mod audio;
 pub mod bench;
 pub mod chat;
 pub mod images;
+pub mod media;
 pub mod metrics;
 pub mod openai;
 pub mod orchestrator;

@@ -48,6 +48,9 @@ pub mod names {
     pub const AUDIO_SECONDS_TOTAL: &str = "omnistage_audio_seconds_total";
     pub const AUDIO_REAL_TIME_FACTOR: &str = "omnistage_audio_real_time_factor";
     pub const STAGE_AUDIO_SAMPLES_TOTAL: &str = "omnistage_stage_audio_samples_total";
+    pub const MEDIA_ENCODED_TOTAL: &str = "omnistage_media_encoded_total";
+    pub const ENCODER_CACHE_QUERIES_TOTAL: &str = "omnistage_encoder_cache_queries_total";
+    pub const ENCODER_CACHE_HITS_TOTAL: &str = "omnistage_encoder_cache_hits_total";
 }
 
 const LATENCY_BUCKETS: &[f64] = &[
@@ -79,6 +82,9 @@ pub struct Metrics {
     denoise_rows: IntCounterVec,
     images: IntCounterVec,
     audio_samples: IntCounterVec,
+    media_encoded: IntCounterVec,
+    encoder_cache_queries: IntCounterVec,
+    encoder_cache_hits: IntCounterVec,
     /// Engine counters as last seen, so Prometheus counters advance by the difference.
     last_engine: Mutex<HashMap<(String, usize), EngineStats>>,
     stage_failures: IntCounterVec,
@@ -278,6 +284,24 @@ impl Metrics {
                 "PCM samples decoded by codec stages.",
                 sr,
             ),
+            media_encoded: counter(
+                &r,
+                MEDIA_ENCODED_TOTAL,
+                "Images or audio clips run through a media encoder's model.",
+                sr,
+            ),
+            encoder_cache_queries: counter(
+                &r,
+                ENCODER_CACHE_QUERIES_TOTAL,
+                "Media items looked up in a media encoder's embedding cache.",
+                sr,
+            ),
+            encoder_cache_hits: counter(
+                &r,
+                ENCODER_CACHE_HITS_TOTAL,
+                "Media items whose embeddings were found in the encoder cache (not encoded again).",
+                sr,
+            ),
             connector_chunks: counter(
                 &r,
                 CONNECTOR_CHUNKS_TOTAL,
@@ -416,6 +440,21 @@ impl Metrics {
                 &self.audio_samples,
                 now.audio_samples_total,
                 before.audio_samples_total,
+            ),
+            (
+                &self.media_encoded,
+                now.media_encoded_total,
+                before.media_encoded_total,
+            ),
+            (
+                &self.encoder_cache_queries,
+                now.encoder_cache_queries_total,
+                before.encoder_cache_queries_total,
+            ),
+            (
+                &self.encoder_cache_hits,
+                now.encoder_cache_hits_total,
+                before.encoder_cache_hits_total,
             ),
         ] {
             if now > 0 {

@@ -1,6 +1,10 @@
 //! OpenAI-compatible request and response shapes, and their translation into jobs.
 
-use omnistage_stages::{ChatMessage, Modality, Prompt, SamplingParams};
+use crate::media::{AudioFormat, MediaPart, MediaSource};
+use omnistage_stages::{
+    ChatMessage, ContentPart as StagePart, MessageContent as StageContent, Modality, Prompt,
+    SamplingParams,
+};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -184,11 +188,136 @@ pub enum MessageContent {
     Parts(Vec<ContentPart>),
 }
 
+/// One content part as sent: `{"type": "text", "text"}`, `{"type": "image_url", "image_url":
+/// {"url", "detail"}}` or `{"type": "input_audio", "input_audio": {"data", "format"}}`. The
+/// fields stay loose JSON here so that a malformed part gets a 400 naming it, not a bare
+/// "invalid JSON body".
 #[derive(Debug, Clone, Deserialize)]
 pub struct ContentPart {
     #[serde(rename = "type")]
-    pub kind: String,
-    pub text: Option<String>,
+    pub kind: Option<String>,
+    pub text: Option<Value>,
+    pub image_url: Option<Value>,
+    pub input_audio: Option<Value>,
+}
+
+impl ContentPart {
+    /// The part's text, or the image or clip it carries (not yet checked against the
+    /// deployment, nor decoded). `at` names the part, e.g. `messages[1].content[2]`.
+    fn parse(&self, at: &str) -> Result<Result<String, MediaSource>, BadRequest> {
+        let kind = match &self.kind {
+            Some(k) => k.as_str(),
+            None => {
+                return Err(BadRequest::new(
+                    &format!("{at}.type"),
+                    "a content part needs `type`",
+                ))
+            }
+        };
+        match kind {
+            "text" => match &self.text {
+                Some(Value::String(t)) => Ok(Ok(t.clone())),
+                Some(_) => Err(BadRequest::new(
+                    &format!("{at}.text"),
+                    "`text` must be a string",
+                )),
+                None => Err(BadRequest::new(
+                    &format!("{at}.text"),
+                    "a text part needs `text`",
+                )),
+            },
+            "image_url" => image_url_part(self.image_url.as_ref(), at).map(Err),
+            "input_audio" => input_audio_part(self.input_audio.as_ref(), at).map(Err),
+            other => Err(BadRequest::new(
+                &format!("{at}.type"),
+                format!(
+                    "content part type `{other}` is not supported; use text, image_url or \
+                     input_audio"
+                ),
+            )),
+        }
+    }
+}
+
+/// `image_url`: `{"url", "detail"?}` (or the bare URL string some clients send).
+fn image_url_part(field: Option<&Value>, at: &str) -> Result<MediaSource, BadRequest> {
+    let url_param = format!("{at}.image_url.url");
+    let missing = || {
+        BadRequest::new(
+            &url_param,
+            "an image_url part needs `image_url.url`: a data: URI (data:image/png;base64,...) or \
+             an http(s):// address",
+        )
+    };
+    let url = match field {
+        Some(Value::String(u)) => u,
+        Some(Value::Object(o)) => {
+            if let Some(d) = o.get("detail").filter(|d| !d.is_null()) {
+                if !matches!(d.as_str(), Some("auto" | "low" | "high")) {
+                    return Err(BadRequest::new(
+                        &format!("{at}.image_url.detail"),
+                        "`detail` must be auto, low or high",
+                    ));
+                }
+            }
+            match o.get("url") {
+                Some(Value::String(u)) => u,
+                _ => return Err(missing()),
+            }
+        }
+        None => return Err(missing()),
+        Some(_) => {
+            return Err(BadRequest::new(
+                &format!("{at}.image_url"),
+                "`image_url` must be an object with `url`",
+            ))
+        }
+    };
+    if url.trim().is_empty() {
+        return Err(missing());
+    }
+    Ok(MediaSource::ImageUrl(url.trim().to_string()))
+}
+
+/// `input_audio`: `{"data": base64, "format": "wav" | "mp3"}`.
+fn input_audio_part(field: Option<&Value>, at: &str) -> Result<MediaSource, BadRequest> {
+    let Some(Value::Object(o)) = field else {
+        return Err(BadRequest::new(
+            &format!("{at}.input_audio"),
+            "an input_audio part needs `input_audio`: {\"data\": base64 audio, \"format\": \
+             \"wav\" or \"mp3\"}",
+        ));
+    };
+    let format_param = format!("{at}.input_audio.format");
+    let format = match o.get("format") {
+        Some(Value::String(f)) => {
+            AudioFormat::parse(f).map_err(|m| BadRequest::new(&format_param, m))?
+        }
+        _ => {
+            return Err(BadRequest::new(
+                &format_param,
+                "an input_audio part needs `input_audio.format`: wav or mp3",
+            ))
+        }
+    };
+    let data = match o.get("data") {
+        Some(Value::String(d)) if !d.trim().is_empty() => d.clone(),
+        _ => {
+            return Err(BadRequest::new(
+                &format!("{at}.input_audio.data"),
+                "an input_audio part needs `input_audio.data`: the clip, base64-encoded",
+            ))
+        }
+    };
+    Ok(MediaSource::Audio { data, format })
+}
+
+/// A chat request's messages and the image and audio parts among them, in order of appearance
+/// (each `ContentPart::Image`/`Audio` in `messages` stands for the next one of `media`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChatInput {
+    pub messages: Vec<ChatMessage>,
+    pub media: Vec<MediaPart>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -216,11 +345,16 @@ pub struct ChatCompletionRequest {
 }
 
 impl ChatCompletionRequest {
-    pub fn chat_messages(&self) -> Result<Vec<ChatMessage>, BadRequest> {
+    /// The messages, roles checked (`developer` becomes `system`). A message without image or
+    /// audio parts keeps its text as one string; one with them keeps its parts in order, media
+    /// parts standing for the returned `media` items. Only the shape of media parts is checked
+    /// here: [`crate::media::resolve`] checks them against the deployment and decodes them.
+    pub fn chat_messages(&self) -> Result<ChatInput, BadRequest> {
         if self.messages.is_empty() {
             return Err(BadRequest::new("messages", "messages must not be empty"));
         }
-        let mut out = Vec::with_capacity(self.messages.len());
+        let mut messages = Vec::with_capacity(self.messages.len());
+        let mut media = Vec::new();
         for (i, m) in self.messages.iter().enumerate() {
             if !matches!(
                 m.role.as_str(),
@@ -232,25 +366,30 @@ impl ChatCompletionRequest {
                 ));
             }
             let content = match &m.content {
-                None => String::new(),
-                Some(MessageContent::Text(t)) => t.clone(),
+                None => StageContent::Text(String::new()),
+                Some(MessageContent::Text(t)) => StageContent::Text(t.clone()),
                 Some(MessageContent::Parts(parts)) => {
-                    let mut text = String::new();
+                    let mut out = Vec::with_capacity(parts.len());
                     for (j, p) in parts.iter().enumerate() {
-                        match (p.kind.as_str(), &p.text) {
-                            ("text", Some(t)) => text.push_str(t),
-                            ("text", None) => {
-                                return Err(BadRequest::new(&format!("messages[{i}].content[{j}].text"), "a text part needs `text`"))
-                            }
-                            (other, _) => {
-                                return Err(BadRequest::new(
-                                    &format!("messages[{i}].content[{j}].type"),
-                                    format!("content part type `{other}` is not supported by this deployment; only `text` parts are"),
-                                ))
+                        let at = format!("messages[{i}].content[{j}]");
+                        match p.parse(&at)? {
+                            Ok(text) => out.push(StagePart::Text { text }),
+                            Err(source) => {
+                                let part = MediaPart { at, source };
+                                out.push(match part.modality() {
+                                    Modality::Audio => StagePart::Audio,
+                                    _ => StagePart::Image,
+                                });
+                                media.push(part);
                             }
                         }
                     }
-                    text
+                    if out.iter().all(|p| matches!(p, StagePart::Text { .. })) {
+                        // Text only: one string, as chat templates that take strings expect.
+                        StageContent::Text(StageContent::Parts(out).text())
+                    } else {
+                        StageContent::Parts(out)
+                    }
                 }
             };
             let role = if m.role == "developer" {
@@ -258,12 +397,9 @@ impl ChatCompletionRequest {
             } else {
                 m.role.clone()
             };
-            out.push(ChatMessage {
-                role,
-                content: omnistage_stages::MessageContent::Text(content),
-            });
+            messages.push(ChatMessage { role, content });
         }
-        Ok(out)
+        Ok(ChatInput { messages, media })
     }
 
     pub fn output_modalities(&self) -> Result<Vec<Modality>, BadRequest> {
@@ -386,8 +522,13 @@ mod tests {
         let r = chat(
             r#"{"model":"m","messages":[{"role":"system","content":"be brief"},{"role":"user","content":[{"type":"text","text":"hi "},{"type":"text","text":"there"}]}]}"#,
         );
-        let m = r.chat_messages().unwrap();
-        assert_eq!(m[1].content.text(), "hi there");
+        let input = r.chat_messages().unwrap();
+        let m = &input.messages;
+        assert_eq!(
+            m[1].content,
+            omnistage_stages::MessageContent::Text("hi there".into())
+        );
+        assert!(input.media.is_empty());
         assert_eq!(r.output_modalities().unwrap(), vec![Modality::Text]);
     }
 
@@ -438,5 +579,126 @@ mod tests {
                 .is_err()
         );
         assert!(chat(r#"{"messages":[]}"#).chat_messages().is_err());
+    }
+
+    #[test]
+    fn media_parts_keep_their_places() {
+        let r = chat(
+            r#"{"messages":[
+                {"role":"system","content":"be brief"},
+                {"role":"user","content":[
+                    {"type":"text","text":"what is "},
+                    {"type":"image_url","image_url":{"url":"data:image/png;base64,AAAA","detail":"low"}},
+                    {"type":"text","text":" and "},
+                    {"type":"input_audio","input_audio":{"data":"UklGRg==","format":"wav"}}]},
+                {"role":"user","content":[{"type":"image_url","image_url":"https://example.com/a.jpg"}]}]}"#,
+        );
+        let input = r.chat_messages().unwrap();
+        assert_eq!(
+            input.messages[0].content,
+            StageContent::Text("be brief".into())
+        );
+        assert_eq!(
+            input.messages[1].content,
+            StageContent::Parts(vec![
+                StagePart::Text {
+                    text: "what is ".into()
+                },
+                StagePart::Image,
+                StagePart::Text {
+                    text: " and ".into()
+                },
+                StagePart::Audio,
+            ])
+        );
+        assert_eq!(
+            input.messages[2].content,
+            StageContent::Parts(vec![StagePart::Image])
+        );
+        let ats: Vec<&str> = input.media.iter().map(|p| p.at.as_str()).collect();
+        assert_eq!(
+            ats,
+            [
+                "messages[1].content[1]",
+                "messages[1].content[3]",
+                "messages[2].content[0]"
+            ]
+        );
+        assert_eq!(
+            input.media[1].source,
+            MediaSource::Audio {
+                data: "UklGRg==".into(),
+                format: AudioFormat::Wav
+            }
+        );
+        assert_eq!(
+            input.media[2].source,
+            MediaSource::ImageUrl("https://example.com/a.jpg".into())
+        );
+    }
+
+    #[test]
+    fn malformed_media_parts_name_the_field() {
+        let cases = [
+            (
+                r#"{"type":"image_url"}"#,
+                "messages[0].content[1].image_url.url",
+            ),
+            (
+                r#"{"type":"image_url","image_url":{}}"#,
+                "messages[0].content[1].image_url.url",
+            ),
+            (
+                r#"{"type":"image_url","image_url":{"url":""}}"#,
+                "messages[0].content[1].image_url.url",
+            ),
+            (
+                r#"{"type":"image_url","image_url":7}"#,
+                "messages[0].content[1].image_url",
+            ),
+            (
+                r#"{"type":"image_url","image_url":{"url":"data:,","detail":"max"}}"#,
+                "messages[0].content[1].image_url.detail",
+            ),
+            (
+                r#"{"type":"input_audio"}"#,
+                "messages[0].content[1].input_audio",
+            ),
+            (
+                r#"{"type":"input_audio","input_audio":{"data":"AAAA"}}"#,
+                "messages[0].content[1].input_audio.format",
+            ),
+            (
+                r#"{"type":"input_audio","input_audio":{"data":"AAAA","format":"flac"}}"#,
+                "messages[0].content[1].input_audio.format",
+            ),
+            (
+                r#"{"type":"input_audio","input_audio":{"format":"mp3"}}"#,
+                "messages[0].content[1].input_audio.data",
+            ),
+            (
+                r#"{"type":"video_url","video_url":{}}"#,
+                "messages[0].content[1].type",
+            ),
+            (
+                r#"{"image_url":{"url":"x"}}"#,
+                "messages[0].content[1].type",
+            ),
+            (r#"{"type":"text","text":5}"#, "messages[0].content[1].text"),
+        ];
+        for (part, param) in cases {
+            let r = chat(&format!(
+                r#"{{"messages":[{{"role":"user","content":[{{"type":"text","text":"hi"}},{part}]}}]}}"#
+            ));
+            let e = r.chat_messages().unwrap_err();
+            assert_eq!(e.param.as_deref(), Some(param), "{part}: {}", e.message);
+        }
+        let r = chat(
+            r#"{"messages":[{"role":"user","content":[{"type":"input_audio","input_audio":{"data":"AA","format":"ogg"}}]}]}"#,
+        );
+        assert_eq!(
+            r.chat_messages().unwrap_err().message,
+            "unsupported audio format `ogg`; use wav or mp3"
+        );
     }
 }

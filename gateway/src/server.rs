@@ -22,6 +22,10 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 /// Largest request body accepted.
 pub const MAX_BODY_BYTES: usize = 4 << 20;
 
+/// Largest chat request body: chats carry images and audio inline (base64 data: URIs, a third
+/// larger than the media); each item is further held to the deployment's `[media]` limits.
+pub const MAX_CHAT_BODY_BYTES: usize = 32 << 20;
+
 /// Shared state of the HTTP handlers.
 #[derive(Clone)]
 pub struct AppState {
@@ -34,7 +38,10 @@ pub struct AppState {
 /// The gateway's routes.
 pub fn router(state: AppState) -> Router {
     Router::new()
-        .route("/v1/chat/completions", post(crate::chat::chat_completions))
+        .route(
+            "/v1/chat/completions",
+            post(crate::chat::chat_completions).layer(DefaultBodyLimit::max(MAX_CHAT_BODY_BYTES)),
+        )
         .route("/v1/completions", post(crate::chat::completions))
         .route("/v1/audio/speech", post(crate::audio::speech))
         .route(

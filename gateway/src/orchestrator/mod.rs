@@ -182,9 +182,9 @@ impl Orchestrator {
         }
         for m in carried {
             let encoded = needed.iter().any(|s| {
-                self.graph
-                    .stage(self.stages[*s].id())
-                    .is_some_and(|spec| spec.kind == StageKind::Encoder && spec.encoder.encodes == m)
+                self.graph.stage(self.stages[*s].id()).is_some_and(|spec| {
+                    spec.kind == StageKind::Encoder && spec.encoder.encodes == m
+                })
             });
             if !encoded {
                 return Err(JobError::InvalidInput(format!(
