@@ -2,8 +2,8 @@
 """Talks to a running omnistage server with the official `openai` package, unchanged.
 
 Checks chat completions (plain and streamed, with usage), text completions, the model list,
-errors in OpenAI's shape, image generation, and speech (chat with audio, whole and streamed, and
-the speech endpoint). Exits non-zero on the first mismatch.
+errors in OpenAI's shape, image generation, image and audio content parts, and speech (chat with
+audio, whole and streamed, and the speech endpoint). Exits non-zero on the first mismatch.
 
 Usage: python3 scripts/openai_client_check.py [--base-url http://127.0.0.1:8000/v1]
 """
@@ -158,6 +158,40 @@ def main() -> int:
         print(f"unknown voice -> {e.status_code}: {e.message}")
     else:
         raise AssertionError("an unknown voice must be a 400")
+
+    # The generated picture and speech go back in as content parts: the thinker sees and hears.
+    question = [{"type": "text", "text": "What is in these?"}]
+    plain = client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": question}], max_tokens=4, temperature=0
+    )
+    seen = client.chat.completions.create(
+        model=model,
+        messages=[
+            {
+                "role": "user",
+                "content": question
+                + [
+                    {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(png).decode()}},
+                    {"type": "input_audio", "input_audio": {"data": base64.b64encode(spoken).decode(), "format": "wav"}},
+                ],
+            }
+        ],
+        max_tokens=4,
+        temperature=0,
+    )
+    assert seen.usage.prompt_tokens > plain.usage.prompt_tokens, (seen.usage, plain.usage)
+    print(f"image + audio in: {seen.usage.prompt_tokens} prompt tokens (text alone {plain.usage.prompt_tokens})")
+
+    try:
+        client.chat.completions.create(
+            model=model,
+            messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}],
+        )
+    except openai.BadRequestError as e:
+        assert "image_url" in (e.param or ""), e.param
+        print(f"corrupt image -> {e.status_code}: {e.message} (param {e.param})")
+    else:
+        raise AssertionError("a corrupt image must be a 400")
 
     print("openai client check: all passed")
     return 0

@@ -81,9 +81,28 @@ fn same_seed_is_byte_identical_and_seed_changes_weights() {
         );
     }
     assert!(codec.files.iter().any(|f| f.ends_with("config.json")));
+    // The senses: a vision and an audio encoder, each byte-identical for a seed.
+    let vision = ma.checkpoint("vision-encoder").expect("vision checkpoint");
+    let audio = ma.checkpoint("audio-encoder").expect("audio checkpoint");
+    assert_eq!(vision.dir, a.path().join("tiny-omni/vision"));
+    assert_eq!(audio.dir, a.path().join("tiny-omni/audio"));
+    for file in vision.files.iter().chain(&audio.files) {
+        let rel = file.strip_prefix(a.path()).unwrap();
+        assert_eq!(
+            read(&a.path().join(rel)),
+            read(&b.path().join(rel)),
+            "{} differs between two runs with the same seed",
+            rel.display()
+        );
+    }
     assert_eq!(
         ma.files().count(),
-        FILES.len() + image.files.len() + talker.files.len() + codec.files.len()
+        FILES.len()
+            + image.files.len()
+            + talker.files.len()
+            + codec.files.len()
+            + vision.files.len()
+            + audio.files.len()
     );
 
     for name in FILES {
@@ -101,7 +120,7 @@ fn same_seed_is_byte_identical_and_seed_changes_weights() {
         }
     }
     assert_eq!(mb.root, b.path().join("tiny-omni"));
-    assert_eq!(mc.checkpoints.len(), 4);
+    assert_eq!(mc.checkpoints.len(), 6);
 }
 
 #[test]
@@ -121,8 +140,9 @@ fn weights_have_hf_names_shapes_and_values() {
             .shape()
             .to_vec()
     };
-    assert_eq!(shape("model.embed_tokens.weight"), [512, 64]);
-    assert_eq!(shape("lm_head.weight"), [512, 64]);
+    // 512 tokenizer ids and the image and audio placeholders.
+    assert_eq!(shape("model.embed_tokens.weight"), [514, 64]);
+    assert_eq!(shape("lm_head.weight"), [514, 64]);
     assert_eq!(shape("model.norm.weight"), [64]);
     for l in 0..2 {
         let p = format!("model.layers.{l}");
@@ -159,7 +179,9 @@ fn tokenizer_round_trips_and_streams() {
     let dir = tempfile::tempdir().unwrap();
     let m = make_tiny(dir.path(), 3).unwrap();
     let tok = TextTokenizer::load(&m.checkpoint("thinker").unwrap().dir).unwrap();
-    assert_eq!(tok.vocab_size(), 512);
+    assert_eq!(tok.vocab_size(), 514);
+    assert_eq!(tok.token_id("<|IMAGE|>"), Some(512));
+    assert_eq!(tok.token_id("<|AUDIO|>"), Some(513));
     let im_end = tok.token_id(IM_END).unwrap();
     assert_eq!(tok.token_id("<|endoftext|>"), Some(509));
     assert_eq!(im_end, 511);
@@ -274,7 +296,7 @@ fn config_parses_with_llm_config() {
     let m = make_tiny(dir.path(), 0).unwrap();
     let cfg =
         LlmConfig::from_file(&m.checkpoint("thinker").unwrap().dir.join("config.json")).unwrap();
-    assert_eq!(cfg.vocab_size, 512);
+    assert_eq!(cfg.vocab_size, 514);
     assert_eq!(cfg.hidden_size, 64);
     assert_eq!(cfg.num_hidden_layers, 2);
     assert_eq!(cfg.num_attention_heads, 4);

@@ -177,7 +177,7 @@ async fn bad_requests_get_openai_shaped_errors() {
         .unwrap()
         .contains("at most"));
     // Oversized body.
-    let huge = "x".repeat(5 << 20);
+    let huge = "x".repeat(33 << 20);
     let resp = s
         .client
         .post(&url)
