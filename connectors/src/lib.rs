@@ -2,9 +2,16 @@
 //!
 //! Owns: the [`Connector`] trait and its transports. In-process handover shares the payload's
 //! `Arc`'d buffer (no copy). Shared memory and TCP transports move bytes between processes and
-//! hosts; they arrive with multi-process execution and are refused by name until then.
+//! hosts: `wire` encodes payloads to bytes, `shm` moves them through a shared-memory ring between
+//! processes (also usable in one process as [`shm::ShmConnector`]), and `tcp` is an authenticated,
+//! framed, bounded link between hosts. Worker processes that use them come with multi-process
+//! execution; until then a `tcp` edge is refused by name.
 //!
 //! Must not know: the stage graph, engines, HTTP.
+
+pub mod shm;
+pub mod tcp;
+pub mod wire;
 
 use omnistage_stages::deploy::ConnectorKind;
 use omnistage_stages::Payload;
@@ -14,6 +21,11 @@ use omnistage_stages::Payload;
 pub enum ConnectorError {
     #[error("connector `{0}` is not available in this build yet: only `inproc` edges can run; use connector = \"inproc\"")]
     Unavailable(&'static str),
+    #[error("connector `{connector}` failed: {reason}")]
+    Transport {
+        connector: &'static str,
+        reason: String,
+    },
 }
 
 /// Moves one payload across an edge and returns it as the consumer sees it.
@@ -42,7 +54,9 @@ impl Connector for InprocConnector {
 pub fn connector_for(kind: ConnectorKind) -> Result<Box<dyn Connector>, ConnectorError> {
     match kind {
         ConnectorKind::Inproc => Ok(Box::new(InprocConnector)),
-        ConnectorKind::Shm => Err(ConnectorError::Unavailable("shm")),
+        ConnectorKind::Shm => Ok(Box::new(
+            shm::ShmConnector::new(shm::DEFAULT_CAPACITY).map_err(shm::to_connector_error)?,
+        )),
         ConnectorKind::Tcp => Err(ConnectorError::Unavailable("tcp")),
     }
 }
@@ -67,8 +81,23 @@ mod tests {
 
     #[test]
     fn unbuilt_transports_are_refused_by_name() {
-        let err = connector_for(ConnectorKind::Shm).err().unwrap();
-        assert!(err.to_string().contains("shm"));
-        assert!(connector_for(ConnectorKind::Tcp).is_err());
+        let err = connector_for(ConnectorKind::Tcp).err().unwrap();
+        assert!(err.to_string().contains("tcp"));
+    }
+
+    #[test]
+    fn shm_connector_delivers_a_copy() {
+        let hidden = HiddenStates::new((0..4096).map(|i| i as f32).collect(), 64);
+        let shm = connector_for(ConnectorKind::Shm).unwrap();
+        assert_eq!(shm.kind(), ConnectorKind::Shm);
+        for _ in 0..3 {
+            match shm.deliver(Payload::Hidden(hidden.clone())).unwrap() {
+                Payload::Hidden(h) => {
+                    assert_eq!(h, hidden);
+                    assert!(!std::sync::Arc::ptr_eq(&h.data, &hidden.data));
+                }
+                other => panic!("expected hidden states, got {other:?}"),
+            }
+        }
     }
 }
