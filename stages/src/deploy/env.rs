@@ -1,8 +1,9 @@
 //! `OMNISTAGE_*` environment overrides, turned into `config` override keys
 //! (`name`, `stage[<index>].<field>`, `stage[<index>].sampling.<field>`) with typed values.
 
+use super::fields::FieldTy;
 use super::image::IMAGE_FIELDS;
-use super::raw::{FieldTy, SAMPLING_FIELDS, STAGE_FIELDS};
+use super::raw::{SAMPLING_FIELDS, STAGE_FIELDS};
 use super::talker::TALKER_FIELDS;
 use super::{join, DeployError};
 use config::ValueKind;

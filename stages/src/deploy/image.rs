@@ -1,7 +1,7 @@
 //! The `[stage.image]` table: limits and defaults of text-to-image stages. A `dit` stage reads the
 //! size, step, guidance, `n` and step-cache settings; an `encoder` stage reads `max_text_tokens`.
 
-use super::raw::{bad, parse_table, FieldTy};
+use super::fields::{bad, parse_table, FieldTy};
 use super::{DeployError, Site};
 use serde::Deserialize;
 use serde_json::{Map, Value};

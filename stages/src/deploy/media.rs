@@ -1,7 +1,7 @@
 //! Media input settings: the top-level `[media]` table (what the gateway accepts as image and
 //! audio content parts) and a media encoder stage's `[stage.encoder]` table.
 
-use super::raw::{bad, byte_size, parse_table, FieldTy};
+use super::fields::{bad, byte_size, parse_table, FieldTy};
 use super::{DeployError, Site};
 use crate::job::Modality;
 use serde::Deserialize;

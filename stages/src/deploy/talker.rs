@@ -6,7 +6,7 @@
 //! Orpheus TTS. The talker reorders each finished frame into the codec's canonical layout (codebook
 //! level by level) before sending it on.
 
-use super::raw::{bad, parse_table, FieldTy};
+use super::fields::{bad, parse_table, FieldTy};
 use super::{DeployError, Site};
 use serde::Deserialize;
 use serde_json::{Map, Value};
