@@ -15,6 +15,7 @@ use omnistage_stages::{
     Prompt, SamplingParams, StageEngine, StageEvent, StageInput, StepWork,
 };
 use std::collections::HashMap;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -196,4 +197,56 @@ fn a_job_with_nothing_for_the_stage_is_refused() {
         other => panic!("expected invalid input, got {other:?}"),
     }
     assert_eq!(engine.state_bytes(), 0);
+}
+
+#[test]
+fn an_encoder_whose_width_differs_from_its_llm_is_refused_at_start_up() {
+    use omnistage_engines::factory::{build_engine, StageWiring};
+    use omnistage_stages::deploy::DeployGraph;
+    let dir = tempfile::tempdir().unwrap();
+    let manifest = omnistage_engines::tiny::make_tiny(dir.path(), 1).unwrap();
+    let thinker = manifest.checkpoint("thinker").unwrap().dir.clone();
+    // The tiny thinker is 64 wide; this encoder writes rows of 24.
+    write_tiny_vision(&dir.path().join("narrow"), &TinyVisionSpec::tiny(WIDTH), 1).unwrap();
+    let toml = r#"
+[[stage]]
+id = "thinker"
+kind = "llm"
+model = "tiny-omni/thinker"
+
+[[stage]]
+id = "eyes"
+kind = "encoder"
+model = "narrow"
+[stage.encoder]
+encodes = "image"
+
+[[edge]]
+from = "eyes"
+to = "thinker"
+carries = "media_embeddings"
+
+[outputs]
+text = "thinker"
+"#;
+    let graph = DeployGraph::from_toml_str(toml, Path::new("t.toml"), dir.path(), &[]).unwrap();
+    let spec = graph.stage("eyes").unwrap();
+    let wiring = |consumers| StageWiring {
+        consumed: vec![omnistage_stages::PayloadKind::MediaEmbeddings],
+        media_consumers: consumers,
+        ..StageWiring::default()
+    };
+    let err = build_engine(spec, &wiring(vec![thinker.clone()]))
+        .err()
+        .expect("a width mismatch must be refused")
+        .to_string();
+    assert!(
+        err.contains("width 24") && err.contains("hidden_size 64") && err.contains("`eyes`"),
+        "{err}"
+    );
+    // The default tiny encoder is as wide as the thinker.
+    let wide = manifest.checkpoint("vision-encoder").unwrap().dir.clone();
+    let mut spec = spec.clone();
+    spec.model = wide;
+    assert!(build_engine(&spec, &wiring(vec![thinker])).is_ok());
 }

@@ -8,6 +8,7 @@ use omnistage_connectors::connector_for;
 use omnistage_engines::factory::StageWiring;
 use omnistage_scheduler::{spawn_stage, BatchLimits};
 use omnistage_stages::deploy::DeployGraph;
+use omnistage_stages::PayloadKind;
 use serde_json::{json, Value};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
@@ -178,6 +179,12 @@ pub fn start(
                 .collect(),
             codec_levels: talker.map(|t| t.canonical_levels()),
             codebook_size: talker.map(|t| t.codebook_size),
+            media_consumers: graph
+                .edges
+                .iter()
+                .filter(|e| e.from == spec.id && e.carries == PayloadKind::MediaEmbeddings)
+                .filter_map(|e| Some(graph.stage(&e.to)?.model.clone()))
+                .collect(),
         };
         let mut replicas = Vec::new();
         for replica in 0..spec.replicas {

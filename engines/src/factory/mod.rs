@@ -57,6 +57,9 @@ pub struct StageWiring {
     /// writes, and the talker's codebook size (checked against the codec at start-up).
     pub codec_levels: Option<Vec<usize>>,
     pub codebook_size: Option<usize>,
+    /// For a media encoder: the checkpoint folders of the LLM stages its `media_embeddings`
+    /// feed (their hidden size must be the encoder's output width; checked at start-up).
+    pub media_consumers: Vec<std::path::PathBuf>,
 }
 
 /// Payload kinds an LLM stage can turn into a prompt today (media embeddings are spliced in at
