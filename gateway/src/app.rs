@@ -3,6 +3,7 @@
 use crate::metrics::Metrics;
 use crate::runtime::{self, ExecutionMode, RuntimeSlot};
 use crate::server::{router, AppState};
+use crate::worker::{DeploySource, WorkerOptions};
 use axum::serve::ListenerExt;
 use omnistage_stages::deploy::{DeployError, DeployGraph};
 use std::net::SocketAddr;
@@ -80,22 +81,53 @@ pub fn ensure_tiny_checkpoints(cache: &Path) -> Result<(), ServeError> {
 /// Reads a deployment file, or the embedded default (making its checkpoints first), and checks
 /// that every stage's model is there.
 pub fn load_deployment(file: Option<&Path>) -> Result<DeployGraph, ServeError> {
-    let graph = match file {
-        Some(path) => DeployGraph::load(path)?,
+    Ok(load_deployment_with_source(file)?.0)
+}
+
+/// [`load_deployment`], also returning what `omnistage worker` processes need to load the same
+/// graph.
+pub fn load_deployment_with_source(
+    file: Option<&Path>,
+) -> Result<(DeployGraph, DeploySource), ServeError> {
+    let (graph, source) = match file {
+        Some(path) => {
+            let graph = DeployGraph::load(path)?;
+            let toml = std::fs::read_to_string(path)?;
+            let base_dir = match path.parent() {
+                Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+                _ => PathBuf::from("."),
+            };
+            let env = omnistage_stages::deploy::omnistage_env();
+            (
+                graph,
+                DeploySource {
+                    toml,
+                    base_dir,
+                    env,
+                },
+            )
+        }
         None => {
             let cache = default_cache_dir();
             ensure_tiny_checkpoints(&cache)?;
-            let env: Vec<(String, String)> = std::env::vars().collect();
-            DeployGraph::from_toml_str(
+            let all: Vec<(String, String)> = std::env::vars().collect();
+            let graph = DeployGraph::from_toml_str(
                 DEFAULT_DEPLOY_TOML,
                 Path::new("<embedded>/tiny-omni.toml"),
                 &cache,
-                &env,
-            )?
+                &all,
+            )?;
+            let env = omnistage_stages::deploy::omnistage_env();
+            let source = DeploySource {
+                toml: DEFAULT_DEPLOY_TOML.to_string(),
+                base_dir: cache,
+                env,
+            };
+            (graph, source)
         }
     };
     graph.check_models()?;
-    Ok(graph)
+    Ok((graph, source))
 }
 
 /// Settings of one server.
@@ -126,6 +158,17 @@ impl Server {
         options: ServeOptions,
         mode: ExecutionMode,
     ) -> Result<Server, ServeError> {
+        Self::start_with_workers(graph, options, mode, WorkerOptions::default()).await
+    }
+
+    /// [`Server::start_with_mode`], with what `process = true` stages need to start their worker
+    /// processes (without a deployment source they run in this process).
+    pub async fn start_with_workers(
+        graph: DeployGraph,
+        options: ServeOptions,
+        mode: ExecutionMode,
+        workers: WorkerOptions,
+    ) -> Result<Server, ServeError> {
         let metrics = Arc::new(Metrics::new());
         let slot = Arc::new(RuntimeSlot::new(&graph));
         let state = AppState {
@@ -144,7 +187,7 @@ impl Server {
         let loader_slot = slot.clone();
         let (failed_tx, load_failure) = tokio::sync::oneshot::channel();
         tokio::task::spawn_blocking(move || {
-            if let Err(e) = runtime::start(graph, metrics, &loader_slot, mode) {
+            if let Err(e) = runtime::start(graph, metrics, &loader_slot, mode, &workers) {
                 tracing::error!("stages failed to start: {e}");
                 let _ = failed_tx.send(e.to_string());
             }
@@ -206,16 +249,44 @@ impl Server {
                 Err(_) => std::future::pending().await,
             }
         };
+        let stop_stages = |state: &AppState| {
+            // Stops stage threads and worker processes (children are killed, never orphaned).
+            if let Some(orch) = state.runtime.orchestrator() {
+                for pool in orch.stages() {
+                    pool.shutdown();
+                }
+            }
+        };
         tokio::select! {
-            served = task => match served {
+            served = task => {
+                let state = state.clone();
+                let _ = tokio::task::spawn_blocking(move || stop_stages(&state)).await;
+                match served {
                 Ok(r) => Ok(r?),
                 Err(e) => Err(ServeError::Io(std::io::Error::other(e.to_string()))),
-            },
+            }},
             message = load_failed => {
                 drop(state);
                 Err(ServeError::Load(message))
             }
         }
+    }
+
+    /// The process ids of stage `id`'s worker processes (empty when it runs in this process).
+    pub fn worker_pids(&self, id: &str) -> Vec<u32> {
+        self.state
+            .runtime
+            .orchestrator()
+            .and_then(|o| {
+                let pool = o.stages().iter().find(|p| p.id() == id)?;
+                Some(
+                    pool.workers()
+                        .into_iter()
+                        .filter_map(|(pid, _)| pid)
+                        .collect(),
+                )
+            })
+            .unwrap_or_default()
     }
 
     /// Stops accepting requests (tests).

@@ -18,3 +18,4 @@ pub mod pool;
 pub mod runtime;
 pub mod server;
 pub mod trace;
+pub mod worker;

@@ -2,8 +2,9 @@
 //! checkpoints.
 
 use clap::{Parser, Subcommand};
-use omnistage::app::{load_deployment, ServeOptions, Server};
+use omnistage::app::{load_deployment_with_source, ServeOptions, Server};
 use omnistage::runtime::ExecutionMode;
+use omnistage::worker::WorkerOptions;
 use omnistage_stages::deploy::DeployGraph;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -36,6 +37,27 @@ enum Command {
         request_timeout: u64,
         /// Baseline mode: one request at a time through the graph, every stage unbatched (what a
         /// single sequential Transformers/Diffusers pipeline gives), for JCT comparisons.
+        #[arg(long)]
+        monolithic: bool,
+    },
+    /// Run one replica of one stage for a gateway (started by `serve` for `process = true`
+    /// stages; not meant to be run by hand).
+    Worker {
+        /// The deployment file (the gateway writes the one it loaded).
+        #[arg(long)]
+        deploy: PathBuf,
+        /// Folder relative model paths resolve against (default: the deployment file's folder).
+        #[arg(long)]
+        base_dir: Option<PathBuf>,
+        /// The stage to run.
+        #[arg(long)]
+        stage: String,
+        #[arg(long, default_value_t = 0)]
+        replica: usize,
+        /// The gateway's Unix socket to connect to.
+        #[arg(long)]
+        socket: PathBuf,
+        /// The stage as monolithic mode runs it.
         #[arg(long)]
         monolithic: bool,
     },
@@ -79,6 +101,21 @@ fn main() -> ExitCode {
             request_timeout,
             monolithic,
         } => serve(deploy, host, port, request_timeout, monolithic),
+        Command::Worker {
+            deploy,
+            base_dir,
+            stage,
+            replica,
+            socket,
+            monolithic,
+        } => omnistage::worker::child::run(omnistage::worker::child::WorkerArgs {
+            deploy,
+            base_dir,
+            stage,
+            replica,
+            socket,
+            monolithic,
+        }),
         Command::Check { file, no_models } => check(file, no_models),
         Command::Bench(args) => bench(*args),
         Command::MakeTiny {
@@ -140,7 +177,8 @@ fn serve(
     let addr: SocketAddr = format!("{host}:{port}")
         .parse()
         .map_err(|e| format!("bad --host/--port `{host}:{port}`: {e}"))?;
-    let graph = load_deployment(deploy.as_deref()).map_err(|e| e.to_string())?;
+    let (graph, source) =
+        load_deployment_with_source(deploy.as_deref()).map_err(|e| e.to_string())?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -155,7 +193,11 @@ fn serve(
         } else {
             ExecutionMode::Pipelined
         };
-        let server = Server::start_with_mode(graph, options, mode)
+        let workers = WorkerOptions {
+            exe: None,
+            source: Some(source),
+        };
+        let server = Server::start_with_workers(graph, options, mode, workers)
             .await
             .map_err(|e| e.to_string())?;
         tracing::info!("omnistage listening on http://{} ({mode:?})", server.addr);

@@ -3,11 +3,13 @@
 
 use crate::metrics::Metrics;
 use crate::orchestrator::{EventRoutes, Orchestrator, RuntimeEdge};
-use crate::pool::StagePool;
+use crate::pool::{Replica, StagePool};
+use crate::worker::remote::{Launch, StateReporter};
+use crate::worker::{PrivateDir, RemoteReplica, WorkerOptions};
 use omnistage_connectors::connector_for;
 use omnistage_engines::factory::StageWiring;
 use omnistage_scheduler::{spawn_stage, BatchLimits};
-use omnistage_stages::deploy::DeployGraph;
+use omnistage_stages::deploy::{DeployGraph, StageSpec};
 use omnistage_stages::PayloadKind;
 use serde_json::{json, Value};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -18,6 +20,8 @@ use std::time::Duration;
 pub enum StageState {
     Loading,
     Ready,
+    /// A worker process died; it is being restarted (jobs in flight on it failed).
+    Restarting(String),
     Failed(String),
 }
 
@@ -28,6 +32,8 @@ pub enum RuntimeError {
     Build(#[from] omnistage_engines::factory::BuildError),
     #[error("edge {edge}: {message}")]
     Edge { edge: String, message: String },
+    #[error("stage {stage}: its worker process: {message}")]
+    Worker { stage: String, message: String },
 }
 
 /// Holds the orchestrator once every stage is loaded; readable while loading.
@@ -75,6 +81,7 @@ impl RuntimeSlot {
             let mut entry = match &state {
                 StageState::Loading => json!({"state": "loading"}),
                 StageState::Ready => json!({"state": "ready"}),
+                StageState::Restarting(m) => json!({"state": "restarting", "error": m}),
                 StageState::Failed(m) => json!({"state": "failed", "error": m}),
             };
             ready &= state == StageState::Ready;
@@ -86,6 +93,13 @@ impl RuntimeSlot {
                 entry["replicas"] = json!(stats.len());
                 entry["waiting"] = json!(stats.iter().map(|s| s.waiting).sum::<usize>());
                 entry["running"] = json!(stats.iter().map(|s| s.running).sum::<usize>());
+                let workers = pool.workers();
+                if !workers.is_empty() {
+                    entry["workers"] = workers
+                        .iter()
+                        .map(|(pid, restarts)| json!({"pid": pid, "restarts": restarts}))
+                        .collect();
+                }
             }
             out.insert(id, entry);
         }
@@ -127,9 +141,11 @@ pub fn monolithic_graph(mut graph: DeployGraph) -> DeployGraph {
 pub fn start(
     graph: DeployGraph,
     metrics: Arc<Metrics>,
-    slot: &RuntimeSlot,
+    slot: &Arc<RuntimeSlot>,
     mode: ExecutionMode,
+    workers: &WorkerOptions,
 ) -> Result<Arc<Orchestrator>, RuntimeError> {
+    let launcher = WorkerLauncher::new(&graph, workers, mode)?;
     let graph = match mode {
         ExecutionMode::Pipelined => graph,
         ExecutionMode::Monolithic => monolithic_graph(graph),
@@ -160,32 +176,17 @@ pub fn start(
     }
     let mut pools = Vec::new();
     for (index, spec) in graph.stages.iter().enumerate() {
+        let wiring = stage_wiring(&graph, spec);
         if spec.process {
-            tracing::warn!(stage = %spec.id, "`process = true` is not yet honoured: the stage runs in the gateway's process");
+            if let Some(launcher) = &launcher {
+                let pool = launcher.start_stage(index, spec, &routes, slot)?;
+                tracing::info!(stage = %spec.id, replicas = spec.replicas, "stage ready (worker processes)");
+                slot.set_state(&spec.id, StageState::Ready);
+                pools.push(pool);
+                continue;
+            }
+            tracing::warn!(stage = %spec.id, "`process = true` needs the deployment's source to start workers: the stage runs in the gateway's process");
         }
-        let talker = upstream_talker(&graph, &spec.id);
-        let wiring = StageWiring {
-            received: graph
-                .edges
-                .iter()
-                .filter(|e| e.to == spec.id)
-                .map(|e| e.carries)
-                .collect(),
-            consumed: graph
-                .edges
-                .iter()
-                .filter(|e| e.from == spec.id)
-                .map(|e| e.carries)
-                .collect(),
-            codec_levels: talker.map(|t| t.canonical_levels()),
-            codebook_size: talker.map(|t| t.codebook_size),
-            media_consumers: graph
-                .edges
-                .iter()
-                .filter(|e| e.from == spec.id && e.carries == PayloadKind::MediaEmbeddings)
-                .filter_map(|e| Some(graph.stage(&e.to)?.model.clone()))
-                .collect(),
-        };
         let mut replicas = Vec::new();
         for replica in 0..spec.replicas {
             let engine = match omnistage_engines::factory::build_engine(spec, &wiring) {
@@ -195,12 +196,7 @@ pub fn start(
                     return Err(err.into());
                 }
             };
-            let limits = BatchLimits {
-                max_batch_size: spec.max_batch_size,
-                max_batched_tokens: spec.max_batched_tokens,
-                max_wait: Duration::from_millis(spec.max_wait_ms),
-                max_queue: spec.max_queue,
-            };
+            let limits = batch_limits(spec);
             let routes = routes.clone();
             let sink = Arc::new(move |job, event| {
                 if let Some(tx) = routes.get(&job) {
@@ -223,6 +219,128 @@ pub fn start(
     });
     let _ = slot.orchestrator.set(orch.clone());
     Ok(orch)
+}
+
+/// How stage `spec` is wired into `graph` (what its engine receives and hands on); the gateway
+/// and `omnistage worker` compute it alike.
+pub fn stage_wiring(graph: &DeployGraph, spec: &StageSpec) -> StageWiring {
+    let talker = upstream_talker(graph, &spec.id);
+    StageWiring {
+        received: graph
+            .edges
+            .iter()
+            .filter(|e| e.to == spec.id)
+            .map(|e| e.carries)
+            .collect(),
+        consumed: graph
+            .edges
+            .iter()
+            .filter(|e| e.from == spec.id)
+            .map(|e| e.carries)
+            .collect(),
+        codec_levels: talker.map(|t| t.canonical_levels()),
+        codebook_size: talker.map(|t| t.codebook_size),
+        media_consumers: graph
+            .edges
+            .iter()
+            .filter(|e| e.from == spec.id && e.carries == PayloadKind::MediaEmbeddings)
+            .filter_map(|e| Some(graph.stage(&e.to)?.model.clone()))
+            .collect(),
+    }
+}
+
+/// The scheduler limits of stage `spec`.
+pub fn batch_limits(spec: &StageSpec) -> BatchLimits {
+    BatchLimits {
+        max_batch_size: spec.max_batch_size,
+        max_batched_tokens: spec.max_batched_tokens,
+        max_wait: Duration::from_millis(spec.max_wait_ms),
+        max_queue: spec.max_queue,
+    }
+}
+
+/// Starts the worker processes of `process = true` stages.
+struct WorkerLauncher {
+    exe: std::path::PathBuf,
+    dir: Arc<PrivateDir>,
+    deploy_file: std::path::PathBuf,
+    source: crate::worker::DeploySource,
+    monolithic: bool,
+}
+
+impl WorkerLauncher {
+    /// `None` when no stage asks for a process, or the deployment's source is unknown.
+    fn new(
+        graph: &DeployGraph,
+        options: &WorkerOptions,
+        mode: ExecutionMode,
+    ) -> Result<Option<Self>, RuntimeError> {
+        let (true, Some(source)) = (graph.stages.iter().any(|s| s.process), &options.source) else {
+            return Ok(None);
+        };
+        let err = |message: String| RuntimeError::Worker {
+            stage: "*".into(),
+            message,
+        };
+        let exe = match &options.exe {
+            Some(exe) => exe.clone(),
+            None => {
+                std::env::current_exe().map_err(|e| err(format!("finding this executable: {e}")))?
+            }
+        };
+        let dir = PrivateDir::new(&graph.name)
+            .map_err(|e| err(format!("making its socket folder: {e}")))?;
+        let deploy_file = dir.path().join("deploy.toml");
+        std::fs::write(&deploy_file, &source.toml)
+            .map_err(|e| err(format!("writing {}: {e}", deploy_file.display())))?;
+        Ok(Some(Self {
+            exe,
+            dir: Arc::new(dir),
+            deploy_file,
+            source: source.clone(),
+            monolithic: mode == ExecutionMode::Monolithic,
+        }))
+    }
+
+    fn start_stage(
+        &self,
+        index: usize,
+        spec: &StageSpec,
+        routes: &EventRoutes,
+        slot: &Arc<RuntimeSlot>,
+    ) -> Result<StagePool, RuntimeError> {
+        let mut replicas = Vec::new();
+        for replica in 0..spec.replicas {
+            let reporter_slot = slot.clone();
+            let id = spec.id.clone();
+            let report: StateReporter = Arc::new(move |state| reporter_slot.set_state(&id, state));
+            let launch = Launch {
+                exe: self.exe.clone(),
+                socket_dir: self.dir.path().to_path_buf(),
+                deploy_file: self.deploy_file.clone(),
+                base_dir: self.source.base_dir.clone(),
+                env: self.source.env.clone(),
+                stage: spec.id.clone(),
+                index,
+                replica,
+                monolithic: self.monolithic,
+                capacity: spec.max_queue + spec.max_batch_size,
+                routes: routes.clone(),
+                report,
+            };
+            match RemoteReplica::start(launch, self.dir.clone()) {
+                Ok(r) => replicas.push(Replica::Remote(r)),
+                Err(message) => {
+                    slot.set_state(&spec.id, StageState::Failed(message.clone()));
+                    return Err(RuntimeError::Worker {
+                        stage: spec.id.clone(),
+                        message,
+                    });
+                }
+            }
+        }
+        Ok(StagePool::with_replicas(spec.id.clone(), replicas))
+    }
 }
 
 /// The talker feeding stage `id` directly, if any.

@@ -98,6 +98,9 @@ impl ApiError {
             }
             JobError::Overloaded { .. } => (StatusCode::TOO_MANY_REQUESTS, "server_overloaded"),
             JobError::StageFailed { .. } => (StatusCode::INTERNAL_SERVER_ERROR, "server_error"),
+            JobError::Unavailable { .. } => {
+                (StatusCode::SERVICE_UNAVAILABLE, "service_unavailable")
+            }
             JobError::DeadlineExceeded(_) => (StatusCode::GATEWAY_TIMEOUT, "timeout"),
         };
         Self::new(status, kind, err.to_string(), None)

@@ -299,6 +299,7 @@ fn failure_reason(err: &EngineError) -> &'static str {
     match err {
         EngineError::InvalidInput(_) => "invalid_input",
         EngineError::Compute(_) => "compute",
+        EngineError::Unavailable(_) => "unavailable",
     }
 }
 

@@ -16,6 +16,10 @@ pub enum EngineError {
     /// The engine failed while computing: a server error; the stage keeps serving others.
     #[error("engine failure: {0}")]
     Compute(String),
+    /// The stage could not be reached (its worker process died or its connection closed): a
+    /// transient server error (503); the job may be retried once the stage is back.
+    #[error("stage unavailable: {0}")]
+    Unavailable(String),
 }
 
 /// One job's share of a step.

@@ -365,6 +365,7 @@ impl<'a> Reader<'a> {
             EVENT_FAILED => StageEvent::Failed(match self.u8()? {
                 ERROR_INVALID_INPUT => EngineError::InvalidInput(self.string()?),
                 ERROR_COMPUTE => EngineError::Compute(self.string()?),
+                ERROR_UNAVAILABLE => EngineError::Unavailable(self.string()?),
                 tag => return Err(unknown("engine error", tag)),
             }),
             tag => return Err(unknown("stage event", tag)),

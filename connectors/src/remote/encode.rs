@@ -46,6 +46,7 @@ pub(super) const FINISH_LENGTH: u8 = 2;
 pub(super) const FINISH_COMPLETE: u8 = 3;
 pub(super) const ERROR_INVALID_INPUT: u8 = 1;
 pub(super) const ERROR_COMPUTE: u8 = 2;
+pub(super) const ERROR_UNAVAILABLE: u8 = 3;
 pub(super) const REFUSE_QUEUE_FULL: u8 = 1;
 pub(super) const REFUSE_STOPPED: u8 = 2;
 
@@ -330,6 +331,7 @@ impl Writer {
                 let (tag, msg) = match err {
                     EngineError::InvalidInput(m) => (ERROR_INVALID_INPUT, m),
                     EngineError::Compute(m) => (ERROR_COMPUTE, m),
+                    EngineError::Unavailable(m) => (ERROR_UNAVAILABLE, m),
                 };
                 self.u8(tag);
                 self.str(msg);

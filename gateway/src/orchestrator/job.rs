@@ -5,6 +5,7 @@
 use super::flow::EdgeFlow;
 use super::{JobError, JobEvent, Orchestrator};
 use crate::trace::TraceBuilder;
+use omnistage_scheduler::SubmitError;
 use omnistage_stages::{
     CodecFrames, EngineError, FinishReason, JobRequest, Modality, Payload, PayloadKind, StageEvent,
     StageInput, Usage,
@@ -128,9 +129,16 @@ impl JobRun {
         };
         let replica = self.orch.stages[s]
             .submit(self.request.id, input)
-            .map_err(|e| JobError::Overloaded {
-                stage: self.stage_name(s),
-                message: e.to_string(),
+            .map_err(|e| match e {
+                // A stopped stage (a worker being restarted) is unavailable, not overloaded.
+                SubmitError::Stopped { .. } => JobError::Unavailable {
+                    stage: self.stage_name(s),
+                    message: e.to_string(),
+                },
+                SubmitError::QueueFull { .. } => JobError::Overloaded {
+                    stage: self.stage_name(s),
+                    message: e.to_string(),
+                },
             })?;
         self.active.insert(s, replica);
         Ok(())
@@ -259,6 +267,7 @@ impl JobRun {
                         JobError::InvalidInput(format!("stage `{stage}`: {m}"))
                     }
                     EngineError::Compute(message) => JobError::StageFailed { stage, message },
+                    EngineError::Unavailable(message) => JobError::Unavailable { stage, message },
                 })
             }
         }
@@ -542,6 +551,7 @@ pub(super) fn outcome_label(err: &JobError) -> &'static str {
         JobError::InvalidInput(_) | JobError::UnsupportedOutput(_) => "invalid_input",
         JobError::Overloaded { .. } => "overloaded",
         JobError::StageFailed { .. } => "stage_failed",
+        JobError::Unavailable { .. } => "unavailable",
         JobError::DeadlineExceeded(_) => "deadline",
     }
 }

@@ -48,6 +48,9 @@ pub enum JobError {
     Overloaded { stage: String, message: String },
     #[error("stage `{stage}` failed: {message}")]
     StageFailed { stage: String, message: String },
+    /// The stage could not be reached (its worker process died); retrying later may succeed.
+    #[error("stage `{stage}` is unavailable: {message}")]
+    Unavailable { stage: String, message: String },
     #[error("the request exceeded its deadline of {0:.1} s")]
     DeadlineExceeded(f64),
     #[error("this deployment cannot produce {0}: no stage in its [outputs] makes it")]

@@ -4,6 +4,7 @@
 
 use omnistage::app::{ServeOptions, Server};
 use omnistage::runtime::ExecutionMode;
+use omnistage::worker::{DeploySource, WorkerOptions};
 use omnistage_stages::deploy::DeployGraph;
 use std::path::Path;
 use std::time::Duration;
@@ -65,7 +66,16 @@ pub async fn start_with_env(
         addr: "127.0.0.1:0".parse().unwrap(),
         request_timeout,
     };
-    let server = Server::start_with_mode(graph, options, mode)
+    // `process = true` stages run in `omnistage worker` processes of the binary under test.
+    let workers = WorkerOptions {
+        exe: Some(env!("CARGO_BIN_EXE_omnistage").into()),
+        source: Some(DeploySource {
+            toml: toml.to_string(),
+            base_dir: models.path().to_path_buf(),
+            env: env.to_vec(),
+        }),
+    };
+    let server = Server::start_with_workers(graph, options, mode, workers)
         .await
         .expect("server starts");
     server
