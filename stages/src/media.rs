@@ -78,8 +78,13 @@ impl MediaInput {
         let mut h = Sha256::new();
         h.update(b"audio");
         h.update(sample_rate.to_le_bytes());
-        for s in &samples {
-            h.update(s.to_le_bytes());
+        // The same bytes as hashing sample by sample, fed a block at a time (a 30 s clip is
+        // over a million samples).
+        let mut block = Vec::with_capacity(4096 * 4);
+        for chunk in samples.chunks(4096) {
+            block.clear();
+            block.extend(chunk.iter().flat_map(|s| s.to_le_bytes()));
+            h.update(&block);
         }
         Some(Self {
             data: MediaData::Audio(PcmAudio {
