@@ -500,7 +500,12 @@ fn unusable_items_are_invalid_input() {
     let msg = invalid(enc.prepare(&audio(&long, 22050)));
     assert!(msg.contains("16.00 s"), "{msg}");
     assert!(enc.prepare(&audio(&long[..16 * 22050], 22050)).is_ok());
-    assert!(invalid(enc.prepare(&audio(&[0.1; 300], 16000))).contains("too short"));
+    // A clip too short for a row is padded with silence to one row, not refused.
+    let blip = enc.prepare(&audio(&[0.1; 300], 16000)).unwrap();
+    assert_eq!(blip.rows, 1);
+    assert_eq!(enc.rows_for_samples(300), 1);
+    let blip24k = enc.prepare(&audio(&[0.1; 128], 24000)).unwrap();
+    assert_eq!(blip24k.rows, 1);
     assert!(invalid(enc.prepare(&audio(&[0.1; 1000], 0))).contains("sample rate"));
     assert!(invalid(enc.prepare(&audio(&[0.1, f32::NAN, 0.2], 16000))).contains("non-finite"));
     assert_eq!(enc.modality(), omnistage_stages::Modality::Audio);

@@ -34,7 +34,8 @@
 //! after the stride-2 conv, and `(E - pool) / pool + 1` pooled rows (Qwen2-Audio's
 //! `_get_feat_extract_output_lengths`); a full window gives `max_source_positions / pool`.
 //! An item's rows are its windows' rows in order. A trailing window too short to give a row
-//! is dropped; a clip too short for any row is refused.
+//! is dropped; a clip too short for any row (a few milliseconds) is padded with silence to the
+//! shortest length that gives one, as Whisper pads every window, so it is heard, not refused.
 //!
 //! Per item, pooling is `nn.AvgPool1d(pool, pool)` over the encoder's output (after its final
 //! LayerNorm), then `multi_modal_projector.linear`.
@@ -203,6 +204,11 @@ impl WhisperEncoder {
     }
 
     /// Rows written for a window holding `samples` samples (at `sampling_rate`).
+    /// The fewest samples (at `sampling_rate`) whose window gives one pooled row.
+    fn shortest_clip(&self) -> usize {
+        (2 * self.cfg.pool() - 2) * self.features.hop_length + 1
+    }
+
     fn window_rows(&self, samples: usize) -> usize {
         let frames = self.features.valid_frames(samples);
         if frames == 0 {
@@ -218,9 +224,11 @@ impl WhisperEncoder {
     }
 
     /// Rows written for a clip of `samples` samples at `sampling_rate` (any length; windows
-    /// beyond [`WhisperEncoder::max_windows`] included).
+    /// beyond [`WhisperEncoder::max_windows`] included; a non-empty clip shorter than one row
+    /// is padded to one).
     pub fn rows_for_samples(&self, samples: usize) -> usize {
         let n = self.features.n_samples;
+        let samples = if samples == 0 { 0 } else { samples.max(self.shortest_clip()) };
         (samples / n) * self.window_rows(n) + self.window_rows(samples % n)
     }
 
@@ -275,7 +283,11 @@ impl MediaEncoder for WhisperEncoder {
         }
         let target_u32 = u32::try_from(target)
             .map_err(|_| EngineError::Compute("sampling_rate out of range".into()))?;
-        let samples = resample(&pcm.samples, rate, target_u32).map_err(EngineError::Compute)?;
+        let mut samples = resample(&pcm.samples, rate, target_u32).map_err(EngineError::Compute)?;
+        let shortest = self.shortest_clip();
+        if samples.len() < shortest {
+            samples.resize(shortest, 0.0);
+        }
         let mut data = Vec::new();
         let (mut windows, mut rows) = (0usize, 0usize);
         for chunk in samples.chunks(window) {
@@ -288,11 +300,8 @@ impl MediaEncoder for WhisperEncoder {
             rows += r;
         }
         if rows == 0 {
-            let min = (2 * self.cfg.pool() - 2) * self.features.hop_length + 1;
-            return Err(EngineError::InvalidInput(format!(
-                "audio clip of {} samples at {rate} Hz is too short: the encoder needs at least \
-                 {min} samples at {target} Hz for one row",
-                pcm.samples.len()
+            return Err(EngineError::Compute(format!(
+                "whisper encoder: a clip padded to {shortest} samples gave no rows"
             )));
         }
         let shape = (
