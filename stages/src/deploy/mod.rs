@@ -18,6 +18,7 @@ mod env;
 mod error;
 mod fields;
 mod image;
+mod cluster;
 mod media;
 mod raw;
 mod render;
@@ -26,6 +27,7 @@ mod validate;
 
 pub use error::{DeployError, Site};
 pub use image::{ImageSettings, IMAGE_SIDE_MULTIPLE};
+pub use cluster::{ClusterSettings, SecretError, SECRET_ENV};
 pub use media::{EncoderSettings, MediaLimits};
 pub use talker::{TalkerSettings, DEFAULT_VOICE};
 
@@ -110,8 +112,11 @@ pub struct StageSpec {
     pub talker: Option<TalkerSettings>,
     /// What an encoder stage encodes and its embedding cache (`[stage.encoder]`).
     pub encoder: EncoderSettings,
-    /// Run in its own worker process (multi-process issue); accepted and validated here.
+    /// Run each replica in a supervised `omnistage worker` child process of the gateway.
     pub process: bool,
+    /// The stage's replicas are `omnistage worker --listen` processes started elsewhere (other
+    /// hosts, Kubernetes pods), found through `[cluster]` etcd; `replicas` is then ignored.
+    pub remote: bool,
 }
 
 /// Streaming settings of an edge.
@@ -150,6 +155,8 @@ pub struct DeployGraph {
     pub outputs: Vec<(Modality, String)>,
     /// What chat requests may carry as image and audio parts (`[media]`).
     pub media: MediaLimits,
+    /// Discovery and link security for `remote` stages (`[cluster]`).
+    pub cluster: Option<ClusterSettings>,
 }
 
 impl StageKind {

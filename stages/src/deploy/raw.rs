@@ -37,6 +37,7 @@ pub(super) const STAGE_FIELDS: &[(&str, FieldTy)] = &[
     ("talker", FieldTy::Table),
     ("encoder", FieldTy::Table),
     ("process", FieldTy::Bool),
+    ("remote", FieldTy::Bool),
 ];
 
 /// The keys of a `[stage.sampling]` table and their types.
@@ -52,7 +53,7 @@ pub(super) const SAMPLING_FIELDS: &[(&str, FieldTy)] = &[
     ("ignore_eos", FieldTy::Bool),
 ];
 
-const TOP_FIELDS: &[&str] = &["name", "stage", "edge", "outputs", "media"];
+const TOP_FIELDS: &[&str] = &["name", "stage", "edge", "outputs", "media", "cluster"];
 const EDGE_FIELDS: &[&str] = &["from", "to", "carries", "connector", "stream"];
 const STREAM_FIELDS: &[&str] = &["chunk", "buffer"];
 
@@ -64,6 +65,7 @@ pub(super) struct RawTop {
     edge: Option<Vec<Value>>,
     outputs: Option<Map<String, Value>>,
     media: Option<Map<String, Value>>,
+    cluster: Option<Map<String, Value>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -89,6 +91,7 @@ pub(super) struct RawStage {
     talker: Option<Map<String, Value>>,
     encoder: Option<Map<String, Value>>,
     process: Option<bool>,
+    remote: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -204,9 +207,15 @@ pub(super) fn build_graph(
         Some(m) => super::media::parse_limits(&m, file)?,
         None => MediaLimits::default(),
     };
+    let name = top.name.unwrap_or_default();
+    let cluster = top
+        .cluster
+        .map(|c| super::cluster::parse_cluster(&c, file, base_dir, &name))
+        .transpose()?;
     Ok(DeployGraph {
         source: file.into(),
-        name: top.name.unwrap_or_default(),
+        name,
+        cluster,
         stages,
         edges,
         outputs,
@@ -228,6 +237,15 @@ fn stage(n: usize, value: &Value, file: &str, base_dir: &Path) -> Result<StageSp
         _ => Site::StageAt(n),
     };
     let r: RawStage = parse_table(map, file, &site, "", &names(STAGE_FIELDS))?;
+    if r.process == Some(true) && r.remote == Some(true) {
+        return Err(bad(
+            file,
+            &site,
+            "remote",
+            "a stage is either `process = true` (a child worker of the gateway) or `remote = true` \
+             (workers started elsewhere), not both",
+        ));
+    }
     let id = required(r.id, file, &site, "id")?;
     if id.trim().is_empty() {
         return Err(bad(file, &site, "id", "the stage id must not be empty"));
@@ -414,6 +432,7 @@ fn stage(n: usize, value: &Value, file: &str, base_dir: &Path) -> Result<StageSp
         talker,
         encoder,
         process: r.process.unwrap_or(false),
+        remote: r.remote.unwrap_or(false),
         id,
     })
 }

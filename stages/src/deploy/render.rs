@@ -24,8 +24,14 @@ pub(super) fn text(g: &DeployGraph) -> String {
             "    device:   {}  dtype: {}  replicas: {}  process: {}",
             s.device,
             s.dtype,
-            s.replicas,
-            if s.process {
+            if s.remote {
+                "as discovered".to_string()
+            } else {
+                s.replicas.to_string()
+            },
+            if s.remote {
+                "remote workers (etcd)"
+            } else if s.process {
                 "own worker"
             } else {
                 "in-process"
@@ -129,6 +135,19 @@ pub(super) fn text(g: &DeployGraph) -> String {
             l.max_audio_seconds,
             l.max_items,
             if l.fetch_urls { "on" } else { "off" }
+        );
+    }
+    if let Some(c) = &g.cluster {
+        let _ = writeln!(
+            out,
+            "cluster: etcd {} under {} (lease {} s); secret {}",
+            c.etcd.join(", "),
+            c.prefix,
+            c.lease_ttl.as_secs(),
+            c.secret_file.as_ref().map_or_else(
+                || format!("from {}", super::SECRET_ENV),
+                |p| p.display().to_string()
+            )
         );
     }
     out

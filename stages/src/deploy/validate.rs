@@ -2,6 +2,7 @@
 //! producer makes and the consumer takes, no cycles, outputs that exist and fit their modality,
 //! and no dead stages.
 
+use super::fields::bad;
 use super::{join, modality_payload, DeployError, DeployGraph, EdgeSpec, Site};
 use std::collections::HashMap;
 
@@ -19,6 +20,16 @@ pub(super) fn check(g: &DeployGraph, file: &str) -> Result<(), DeployError> {
             });
         }
         index.insert(&s.id, i);
+    }
+    if let Some(s) = g.stages.iter().find(|s| s.remote) {
+        if g.cluster.is_none() {
+            return Err(bad(
+                file,
+                &Site::Stage(s.id.clone()),
+                "remote",
+                "remote stages are found through etcd: add a [cluster] table with `etcd = [...]`",
+            ));
+        }
     }
 
     for (i, e) in g.edges.iter().enumerate() {
