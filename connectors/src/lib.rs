@@ -9,6 +9,7 @@
 //!
 //! Must not know: the stage graph, engines, HTTP.
 
+pub mod discovery;
 pub mod remote;
 pub mod shm;
 pub mod tcp;

@@ -70,6 +70,12 @@ impl ShmSender {
         self.seg.backing()
     }
 
+    /// Shuts the control socket down both ways: the consumer sees the channel end, and a send
+    /// waiting for ring space fails.
+    pub fn shutdown(&self) {
+        let _ = self.sock.shutdown(std::net::Shutdown::Both);
+    }
+
     /// Messages sent and not yet acknowledged by the consumer.
     pub fn in_flight(&self) -> usize {
         self.ring.in_flight()
@@ -85,12 +91,35 @@ impl ShmSender {
         self.send_until(payload, Some(Instant::now() + timeout))
     }
 
+    /// Sends an opaque message (`bytes` copied into the ring), blocking while the ring is full.
+    /// The consumer reads it with [`ShmReceiver::recv_with`].
+    pub fn send_bytes(&mut self, bytes: &[u8]) -> Result<u64, ShmError> {
+        self.send_raw(bytes.len(), None, |dst| {
+            dst.copy_from_slice(bytes);
+            Ok(())
+        })
+    }
+
     fn send_until(
         &mut self,
         payload: &Payload,
         deadline: Option<Instant>,
     ) -> Result<u64, ShmError> {
-        let len = wire::encoded_len(payload);
+        self.send_raw(wire::encoded_len(payload), deadline, |dst| {
+            wire::encode_into(payload, dst)
+                .map(|_| ())
+                .map_err(ShmError::from)
+        })
+    }
+
+    /// Reserves `len` bytes of the ring (waiting for space until `deadline`), lets `write` fill
+    /// them, and sends their descriptor.
+    fn send_raw(
+        &mut self,
+        len: usize,
+        deadline: Option<Instant>,
+        write: impl FnOnce(&mut [u8]) -> Result<(), ShmError>,
+    ) -> Result<u64, ShmError> {
         if !self.ring.fits_ever(len) {
             return Err(ShmError::TooLarge {
                 len,
@@ -110,7 +139,7 @@ impl ShmSender {
         // SAFETY: `ring.find` returned a region that overlaps no unacknowledged message, so the
         // consumer holds no part of it; the descriptor naming it is sent only after this borrow ends.
         let dst = unsafe { self.seg.bytes_mut(offset, len) }?;
-        wire::encode_into(payload, dst)?;
+        write(dst)?;
         let seq = self.next_seq;
         let desc = Descriptor {
             seq,

@@ -165,6 +165,75 @@ pub async fn read_frame<R: AsyncRead + Unpin>(
     if got == 0 {
         return Ok(None);
     }
+    let (kind, seq, len) = parse_header(&h, got, max_body)?;
+    let mut body = vec![0u8; len];
+    let got = fill(r, &mut body).await?;
+    let mut crc = [0u8; TRAILER_LEN];
+    let got_crc = if got < len {
+        0
+    } else {
+        fill(r, &mut crc).await?
+    };
+    finish(&h, kind, seq, body, got, crc, got_crc).map(Some)
+}
+
+/// [`read_frame`] on a blocking reader.
+pub fn read_frame_blocking<R: std::io::Read>(
+    r: &mut R,
+    max_body: usize,
+) -> Result<Option<Frame>, FrameError> {
+    let mut h = [0u8; HEADER_LEN];
+    let got = fill_blocking(r, &mut h)?;
+    if got == 0 {
+        return Ok(None);
+    }
+    let (kind, seq, len) = parse_header(&h, got, max_body)?;
+    let mut body = vec![0u8; len];
+    let got = fill_blocking(r, &mut body)?;
+    let mut crc = [0u8; TRAILER_LEN];
+    let got_crc = if got < len {
+        0
+    } else {
+        fill_blocking(r, &mut crc)?
+    };
+    finish(&h, kind, seq, body, got, crc, got_crc).map(Some)
+}
+
+/// [`write_frame`] on a blocking writer. Does not flush.
+pub fn write_frame_blocking<W: std::io::Write>(
+    w: &mut W,
+    kind: FrameType,
+    seq: u64,
+    body: &[u8],
+    max_body: usize,
+) -> Result<(), FrameError> {
+    let len = body_len(body, max_body)?;
+    let h = header(kind, seq, len);
+    w.write_all(&h)?;
+    w.write_all(body)?;
+    w.write_all(&checksum(&h, body).to_le_bytes())?;
+    Ok(())
+}
+
+fn fill_blocking<R: std::io::Read>(r: &mut R, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut got = 0;
+    while got < buf.len() {
+        match r.read(&mut buf[got..]) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(got)
+}
+
+/// Checks a header of which `got` bytes arrived; returns its type, sequence and body length.
+fn parse_header(
+    h: &[u8; HEADER_LEN],
+    got: usize,
+    max_body: usize,
+) -> Result<(FrameType, u64, usize), FrameError> {
     if got < HEADER_LEN {
         return Err(FrameError::Truncated {
             part: "header",
@@ -188,39 +257,46 @@ pub async fn read_frame<R: AsyncRead + Unpin>(
     seq.copy_from_slice(&h[8..16]);
     let seq = u64::from_le_bytes(seq);
     let len = u32::from_le_bytes([h[16], h[17], h[18], h[19]]);
-    let len = match usize::try_from(len) {
-        Ok(len) if len <= max_body => len,
-        _ => {
-            return Err(FrameError::Oversize {
-                len: len.into(),
-                max: max_body,
-            })
-        }
-    };
-    let mut body = vec![0u8; len];
-    let got = fill(r, &mut body).await?;
-    if got < len {
+    match usize::try_from(len) {
+        Ok(len) if len <= max_body => Ok((kind, seq, len)),
+        _ => Err(FrameError::Oversize {
+            len: len.into(),
+            max: max_body,
+        }),
+    }
+}
+
+/// Checks that the body (`got` of its bytes arrived) and checksum (`got_crc` bytes) are whole
+/// and match.
+fn finish(
+    h: &[u8; HEADER_LEN],
+    kind: FrameType,
+    seq: u64,
+    body: Vec<u8>,
+    got: usize,
+    crc: [u8; TRAILER_LEN],
+    got_crc: usize,
+) -> Result<Frame, FrameError> {
+    if got < body.len() {
         return Err(FrameError::Truncated {
             part: "body",
             got,
-            want: len,
+            want: body.len(),
         });
     }
-    let mut crc = [0u8; TRAILER_LEN];
-    let got = fill(r, &mut crc).await?;
-    if got < TRAILER_LEN {
+    if got_crc < TRAILER_LEN {
         return Err(FrameError::Truncated {
             part: "checksum",
-            got,
+            got: got_crc,
             want: TRAILER_LEN,
         });
     }
     let expected = u32::from_le_bytes(crc);
-    let actual = checksum(&h, &body);
+    let actual = checksum(h, &body);
     if expected != actual {
         return Err(FrameError::ChecksumMismatch { expected, actual });
     }
-    Ok(Some(Frame { kind, seq, body }))
+    Ok(Frame { kind, seq, body })
 }
 
 #[cfg(test)]

@@ -3,10 +3,13 @@
 //!
 //! - [`frame`]: the wire framing (magic, version, type, sequence, length, body, CRC-32).
 //! - [`auth`]: the mutual HMAC-SHA256 challenge–response that runs before any payload.
+//! - [`blocking`]: the same handshake and frames on a blocking `std` stream, one session per
+//!   connection (the gateway ↔ remote worker link).
 //! - [`conn`]: [`TcpLink`], the client/server link with credit-based flow control and
 //!   client-side reconnect with resend of unacknowledged frames.
 
 pub mod auth;
+pub mod blocking;
 pub mod conn;
 pub mod frame;
 
