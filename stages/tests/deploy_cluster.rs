@@ -42,7 +42,10 @@ fn a_remote_stage_with_a_cluster_loads_with_defaults() {
     assert_eq!(c.lease_ttl, Duration::from_secs(5));
     let shown = g.to_text();
     assert!(shown.contains("remote workers (etcd)"), "{shown}");
-    assert!(shown.contains("cluster: etcd http://10.0.0.2:2379"), "{shown}");
+    assert!(
+        shown.contains("cluster: etcd http://10.0.0.2:2379"),
+        "{shown}"
+    );
 }
 
 #[test]
@@ -51,10 +54,30 @@ fn bad_cluster_settings_name_the_field() {
         ("remote = true", "", "remote", "[cluster]"),
         ("remote = true\nprocess = true", "", "remote", "not both"),
         ("", "[cluster]\netcd = []", "cluster.etcd", "at least one"),
-        ("", "[cluster]\netcd = [\"etcd:2379\"]", "cluster.etcd", "not an endpoint"),
-        ("", "[cluster]\netcd = [\"http://e:1\"]\nprefix = \"x/\"", "cluster.prefix", "start with"),
-        ("", "[cluster]\netcd = [\"http://e:1\"]\nlease_ttl_s = 0", "cluster.lease_ttl_s", "1 to 3600"),
-        ("", "[cluster]\netcd = [\"http://e:1\"]\nsecret = \"x\"", "secret", "unknown"),
+        (
+            "",
+            "[cluster]\netcd = [\"etcd:2379\"]",
+            "cluster.etcd",
+            "not an endpoint",
+        ),
+        (
+            "",
+            "[cluster]\netcd = [\"http://e:1\"]\nprefix = \"x/\"",
+            "cluster.prefix",
+            "start with",
+        ),
+        (
+            "",
+            "[cluster]\netcd = [\"http://e:1\"]\nlease_ttl_s = 0",
+            "cluster.lease_ttl_s",
+            "1 to 3600",
+        ),
+        (
+            "",
+            "[cluster]\netcd = [\"http://e:1\"]\nsecret = \"x\"",
+            "secret",
+            "unknown",
+        ),
     ];
     for (stage, cluster, field, words) in cases {
         let err = load(&graph(stage, cluster)).unwrap_err();
@@ -76,9 +99,15 @@ fn the_secret_comes_from_its_file_and_must_be_long_enough() {
         lease_ttl: Duration::from_secs(5),
     };
     std::fs::write(&path, "  0123456789abcdef-long-enough\n").unwrap();
-    assert_eq!(settings(&path).secret().unwrap(), b"0123456789abcdef-long-enough");
+    assert_eq!(
+        settings(&path).secret().unwrap(),
+        b"0123456789abcdef-long-enough"
+    );
     std::fs::write(&path, "short\n").unwrap();
-    assert!(matches!(settings(&path).secret(), Err(SecretError::TooShort { .. })));
+    assert!(matches!(
+        settings(&path).secret(),
+        Err(SecretError::TooShort { .. })
+    ));
     let missing = dir.join("none");
     let err = settings(&missing).secret().unwrap_err();
     assert!(err.to_string().contains("none"), "{err}");

@@ -48,7 +48,9 @@ pub enum SecretError {
     },
     #[error("the cluster secret {where_} is shorter than 16 bytes")]
     TooShort { where_: String },
-    #[error("no cluster secret: set [cluster] secret_file or the {SECRET_ENV} environment variable")]
+    #[error(
+        "no cluster secret: set [cluster] secret_file or the {SECRET_ENV} environment variable"
+    )]
     Missing,
 }
 
@@ -79,8 +81,14 @@ impl ClusterSettings {
 }
 
 fn trim(b: &[u8]) -> &[u8] {
-    let start = b.iter().position(|c| !c.is_ascii_whitespace()).unwrap_or(b.len());
-    let end = b.iter().rposition(|c| !c.is_ascii_whitespace()).map_or(start, |e| e + 1);
+    let start = b
+        .iter()
+        .position(|c| !c.is_ascii_whitespace())
+        .unwrap_or(b.len());
+    let end = b
+        .iter()
+        .rposition(|c| !c.is_ascii_whitespace())
+        .map_or(start, |e| e + 1);
     &b[start..end]
 }
 

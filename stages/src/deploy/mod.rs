@@ -14,20 +14,20 @@
 //! list. Other `OMNISTAGE_*` variables without a `__` (e.g. `OMNISTAGE_LOG`) belong to other
 //! components and are ignored here; any other variable with a `__` is an error.
 
+mod cluster;
 mod env;
 mod error;
 mod fields;
 mod image;
-mod cluster;
 mod media;
 mod raw;
 mod render;
 mod talker;
 mod validate;
 
+pub use cluster::{ClusterSettings, SecretError, SECRET_ENV};
 pub use error::{DeployError, Site};
 pub use image::{ImageSettings, IMAGE_SIDE_MULTIPLE};
-pub use cluster::{ClusterSettings, SecretError, SECRET_ENV};
 pub use media::{EncoderSettings, MediaLimits};
 pub use talker::{TalkerSettings, DEFAULT_VOICE};
 

@@ -228,7 +228,11 @@ impl WhisperEncoder {
     /// is padded to one).
     pub fn rows_for_samples(&self, samples: usize) -> usize {
         let n = self.features.n_samples;
-        let samples = if samples == 0 { 0 } else { samples.max(self.shortest_clip()) };
+        let samples = if samples == 0 {
+            0
+        } else {
+            samples.max(self.shortest_clip())
+        };
         (samples / n) * self.window_rows(n) + self.window_rows(samples % n)
     }
 
