@@ -3,6 +3,7 @@
 use crate::metrics::Metrics;
 use crate::runtime::{self, ExecutionMode, RuntimeSlot};
 use crate::server::{router, AppState};
+use crate::worker::remote::WorkerLocation;
 use crate::worker::{DeploySource, WorkerOptions};
 use axum::serve::ListenerExt;
 use omnistage_stages::deploy::{DeployError, DeployGraph};
@@ -282,7 +283,10 @@ impl Server {
                 Some(
                     pool.workers()
                         .into_iter()
-                        .filter_map(|(pid, _)| pid)
+                        .filter_map(|(at, _)| match at {
+                            WorkerLocation::Child { pid } => pid,
+                            WorkerLocation::Endpoint { .. } => None,
+                        })
                         .collect(),
                 )
             })
@@ -300,7 +304,7 @@ impl Server {
     }
 }
 
-async fn shutdown_signal() {
+pub(crate) async fn shutdown_signal() {
     let ctrl_c = async {
         let _ = tokio::signal::ctrl_c().await;
     };

@@ -40,8 +40,10 @@ enum Command {
         #[arg(long)]
         monolithic: bool,
     },
-    /// Run one replica of one stage for a gateway (started by `serve` for `process = true`
-    /// stages; not meant to be run by hand).
+    /// Run one replica of one stage in its own process: a child of `serve` for `process = true`
+    /// stages (`--socket`, started by the gateway), or a remote worker for `remote = true`
+    /// stages (`--listen`: accepts gateways on TCP and registers in the deployment's [cluster]
+    /// etcd).
     Worker {
         /// The deployment file (the gateway writes the one it loaded).
         #[arg(long)]
@@ -54,9 +56,22 @@ enum Command {
         stage: String,
         #[arg(long, default_value_t = 0)]
         replica: usize,
-        /// The gateway's Unix socket to connect to.
+        /// The gateway's Unix socket to connect to (child workers).
+        #[arg(long, conflicts_with = "listen")]
+        socket: Option<PathBuf>,
+        /// Accept gateways on this TCP address, e.g. 0.0.0.0:7100 (remote workers).
         #[arg(long)]
-        socket: PathBuf,
+        listen: Option<String>,
+        /// The address gateways reach this worker at, registered in etcd (default: the bound
+        /// --listen address).
+        #[arg(long)]
+        advertise: Option<String>,
+        /// This worker's name in etcd (default: HOSTNAME-PID).
+        #[arg(long)]
+        instance: Option<String>,
+        /// Serve /health and /metrics on this address (remote workers).
+        #[arg(long)]
+        http: Option<String>,
         /// The stage as monolithic mode runs it.
         #[arg(long)]
         monolithic: bool,
@@ -107,6 +122,10 @@ fn main() -> ExitCode {
             stage,
             replica,
             socket,
+            listen,
+            advertise,
+            instance,
+            http,
             monolithic,
         } => omnistage::worker::child::run(omnistage::worker::child::WorkerArgs {
             deploy,
@@ -114,6 +133,10 @@ fn main() -> ExitCode {
             stage,
             replica,
             socket,
+            listen,
+            advertise,
+            instance,
+            http,
             monolithic,
         }),
         Command::Check { file, no_models } => check(file, no_models),

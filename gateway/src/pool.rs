@@ -1,9 +1,13 @@
 //! A stage's replicas, load-balanced least-loaded-first: in this process, or each in its own
 //! worker process (`process = true`, see [`crate::worker`]).
 
+use crate::worker::remote::WorkerLocation;
 use crate::worker::RemoteReplica;
 use omnistage_scheduler::{StageHandle, StageStats, SubmitError};
 use omnistage_stages::{JobId, Payload, StageInput};
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock};
 
 /// One replica of a stage.
 pub enum Replica {
@@ -61,10 +65,15 @@ impl Replica {
     }
 }
 
-/// Replicas of one stage; each has its own engine, thread and queue.
+/// Replicas of one stage; each has its own engine, thread and queue. A remote stage's replicas
+/// come and go as workers join and leave the cluster: each keeps the number it was added under,
+/// so a job's replica stays addressable while others change.
 pub struct StagePool {
     id: String,
-    replicas: Vec<Replica>,
+    replicas: RwLock<BTreeMap<usize, Arc<Replica>>>,
+    next: AtomicUsize,
+    /// Set by [`StagePool::shutdown`]: replicas added later are shut down at once.
+    closed: AtomicBool,
 }
 
 impl StagePool {
@@ -73,25 +82,80 @@ impl StagePool {
     }
 
     pub fn with_replicas(id: String, replicas: Vec<Replica>) -> Self {
-        Self { id, replicas }
+        let n = replicas.len();
+        Self {
+            id,
+            replicas: RwLock::new(replicas.into_iter().map(Arc::new).enumerate().collect()),
+            next: AtomicUsize::new(n),
+            closed: AtomicBool::new(false),
+        }
     }
 
     pub fn id(&self) -> &str {
         &self.id
     }
 
-    /// Submits to the replica with the fewest waiting + running jobs; returns its index. Tries
-    /// the others when the first is full, so the job is refused only when every replica is.
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<usize, Arc<Replica>>> {
+        self.replicas.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn get(&self, replica: usize) -> Option<Arc<Replica>> {
+        self.read().get(&replica).cloned()
+    }
+
+    /// Adds a replica (a worker that joined); returns its number.
+    pub fn add(&self, replica: Replica) -> usize {
+        let n = self.next.fetch_add(1, Ordering::SeqCst);
+        let mut map = self.replicas.write().unwrap_or_else(|e| e.into_inner());
+        if self.closed.load(Ordering::SeqCst) {
+            drop(map);
+            replica.shutdown();
+        } else {
+            map.insert(n, Arc::new(replica));
+        }
+        n
+    }
+
+    /// Removes the replicas `which` picks and shuts them down (their jobs fail as unavailable).
+    pub fn remove_where(&self, which: impl Fn(&Replica) -> bool) -> usize {
+        let gone: Vec<Arc<Replica>> = {
+            let mut map = self.replicas.write().unwrap_or_else(|e| e.into_inner());
+            let keys: Vec<usize> = map
+                .iter()
+                .filter(|(_, r)| which(r))
+                .map(|(k, _)| *k)
+                .collect();
+            keys.iter().filter_map(|k| map.remove(k)).collect()
+        };
+        for r in &gone {
+            r.shutdown();
+        }
+        gone.len()
+    }
+
+    /// Whether `which` matches any replica.
+    pub fn any(&self, which: impl Fn(&Replica) -> bool) -> bool {
+        self.read().values().any(|r| which(r))
+    }
+
+    /// Submits to the replica with the fewest waiting + running jobs; returns its number. Tries
+    /// the others when the first is full, so the job is refused only when every replica is
+    /// (and when there is none: a remote stage with no live worker).
     pub fn submit(&self, job: JobId, input: StageInput) -> Result<usize, SubmitError> {
-        let mut order: Vec<usize> = (0..self.replicas.len()).collect();
-        order.sort_by_key(|r| {
-            let s = self.replicas[*r].stats();
-            s.waiting + s.running
-        });
+        let replicas: Vec<(usize, Arc<Replica>)> =
+            self.read().iter().map(|(k, r)| (*k, r.clone())).collect();
+        let mut order: Vec<(usize, usize, &Arc<Replica>)> = replicas
+            .iter()
+            .map(|(k, r)| {
+                let s = r.stats();
+                (s.waiting + s.running, *k, r)
+            })
+            .collect();
+        order.sort_by_key(|(load, k, _)| (*load, *k));
         let mut last_err = None;
-        for r in order {
-            match self.replicas[r].submit(job, input.clone()) {
-                Ok(()) => return Ok(r),
+        for (_, k, r) in order {
+            match r.submit(job, input.clone()) {
+                Ok(()) => return Ok(k),
                 Err(e) => last_err = Some(e),
             }
         }
@@ -101,43 +165,45 @@ impl StagePool {
     }
 
     pub fn cancel(&self, replica: usize, job: JobId) {
-        if let Some(r) = self.replicas.get(replica) {
+        if let Some(r) = self.get(replica) {
             r.cancel(job);
         }
     }
 
     /// Streamed input for a job on `replica` (see [`StageHandle::feed`]).
     pub fn feed(&self, replica: usize, job: JobId, more: Vec<Payload>, last: bool) -> bool {
-        self.replicas
-            .get(replica)
-            .is_some_and(|r| r.feed(job, more, last))
+        self.get(replica).is_some_and(|r| r.feed(job, more, last))
     }
 
     /// Holds a job on `replica` back, or lets it go (see [`StageHandle::hold`]).
     pub fn hold(&self, replica: usize, job: JobId, held: bool) -> bool {
-        self.replicas
-            .get(replica)
-            .is_some_and(|r| r.hold(job, held))
+        self.get(replica).is_some_and(|r| r.hold(job, held))
     }
 
     /// Stats of every replica.
     pub fn stats(&self) -> Vec<StageStats> {
-        self.replicas.iter().map(Replica::stats).collect()
+        self.read().values().map(|r| r.stats()).collect()
     }
 
-    /// Process ids of the replicas running in worker processes (and how often each restarted).
-    pub fn workers(&self) -> Vec<(Option<u32>, u64)> {
-        self.replicas
-            .iter()
-            .filter_map(|r| match r {
+    /// Where the replicas running in worker processes are (and how often each restarted or
+    /// reconnected).
+    pub fn workers(&self) -> Vec<(WorkerLocation, u64)> {
+        self.read()
+            .values()
+            .filter_map(|r| match &**r {
                 Replica::Local(_) => None,
-                Replica::Remote(r) => Some((r.pid(), r.restarts())),
+                Replica::Remote(r) => Some((r.location(), r.restarts())),
             })
             .collect()
     }
 
     pub fn shutdown(&self) {
-        for r in &self.replicas {
+        let all: Vec<Arc<Replica>> = {
+            let map = self.replicas.write().unwrap_or_else(|e| e.into_inner());
+            self.closed.store(true, Ordering::SeqCst);
+            map.values().cloned().collect()
+        };
+        for r in all {
             r.shutdown();
         }
     }

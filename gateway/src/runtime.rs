@@ -4,7 +4,8 @@
 use crate::metrics::Metrics;
 use crate::orchestrator::{EventRoutes, Orchestrator, RuntimeEdge};
 use crate::pool::{Replica, StagePool};
-use crate::worker::remote::{Launch, StateReporter};
+use crate::worker::discover::Discovery;
+use crate::worker::remote::{ChildLaunch, Launch, Origin, StateReporter, WorkerLocation};
 use crate::worker::{PrivateDir, RemoteReplica, WorkerOptions};
 use omnistage_connectors::connector_for;
 use omnistage_engines::factory::StageWiring;
@@ -41,6 +42,8 @@ pub enum RuntimeError {
 pub struct RuntimeSlot {
     orchestrator: OnceLock<Arc<Orchestrator>>,
     states: Mutex<Vec<(String, StageState)>>,
+    /// Follows the cluster's workers for `remote = true` stages (stopped when dropped).
+    discovery: Mutex<Option<Discovery>>,
 }
 
 impl RuntimeSlot {
@@ -53,6 +56,7 @@ impl RuntimeSlot {
         Self {
             orchestrator: OnceLock::new(),
             states: Mutex::new(states),
+            discovery: Mutex::new(None),
         }
     }
 
@@ -84,11 +88,31 @@ impl RuntimeSlot {
                 StageState::Restarting(m) => json!({"state": "restarting", "error": m}),
                 StageState::Failed(m) => json!({"state": "failed", "error": m}),
             };
-            ready &= state == StageState::Ready;
-            if let Some(pool) = orch
+            let pool = orch
                 .as_ref()
-                .and_then(|o| o.stages().iter().find(|p| p.id() == id))
-            {
+                .and_then(|o| o.stages().iter().find(|p| p.id() == id));
+            // A remote stage is ready while at least one of its workers is connected.
+            let remote = orch
+                .as_ref()
+                .and_then(|o| o.graph.stage(&id))
+                .is_some_and(|s| s.remote);
+            if let (true, Some(pool)) = (remote && state == StageState::Ready, pool) {
+                let live = pool.workers().iter().any(|(at, _)| {
+                    matches!(
+                        at,
+                        WorkerLocation::Endpoint {
+                            connected: true,
+                            ..
+                        }
+                    )
+                });
+                if !live {
+                    entry = json!({"state": "waiting", "error": "no worker of this remote stage is connected"});
+                    ready = false;
+                }
+            }
+            ready &= state == StageState::Ready;
+            if let Some(pool) = pool {
                 let stats = pool.stats();
                 entry["replicas"] = json!(stats.len());
                 entry["waiting"] = json!(stats.iter().map(|s| s.waiting).sum::<usize>());
@@ -97,7 +121,21 @@ impl RuntimeSlot {
                 if !workers.is_empty() {
                     entry["workers"] = workers
                         .iter()
-                        .map(|(pid, restarts)| json!({"pid": pid, "restarts": restarts}))
+                        .map(|(at, restarts)| match at {
+                            WorkerLocation::Child { pid } => {
+                                json!({"pid": pid, "restarts": restarts})
+                            }
+                            WorkerLocation::Endpoint {
+                                instance,
+                                addr,
+                                connected,
+                            } => json!({
+                                "instance": instance,
+                                "endpoint": addr,
+                                "connected": connected,
+                                "reconnects": restarts,
+                            }),
+                        })
                         .collect();
                 }
             }
@@ -177,6 +215,12 @@ pub fn start(
     let mut pools = Vec::new();
     for (index, spec) in graph.stages.iter().enumerate() {
         let wiring = stage_wiring(&graph, spec);
+        if spec.remote {
+            // Filled by discovery as the stage's workers register.
+            slot.set_state(&spec.id, StageState::Ready);
+            pools.push(StagePool::with_replicas(spec.id.clone(), Vec::new()));
+            continue;
+        }
         if spec.process {
             if let Some(launcher) = &launcher {
                 let pool = launcher.start_stage(index, spec, &routes, slot)?;
@@ -212,11 +256,22 @@ pub fn start(
         slot.set_state(&spec.id, StageState::Ready);
         pools.push(StagePool::new(spec.id.clone(), replicas));
     }
-    let orch = Orchestrator::new(graph, pools, edges, routes, metrics);
+    let has_remote = graph.stages.iter().any(|s| s.remote);
+    let watched = has_remote.then(|| graph.clone());
+    let orch = Orchestrator::new(graph, pools, edges, routes.clone(), metrics);
     let orch = Arc::new(match mode {
         ExecutionMode::Pipelined => orch,
         ExecutionMode::Monolithic => orch.one_job_at_a_time(MONOLITHIC_MAX_WAITING),
     });
+    if let Some(graph) = watched {
+        let discovery = Discovery::start(&graph, orch.clone(), routes).map_err(|message| {
+            RuntimeError::Worker {
+                stage: "remote stages".into(),
+                message,
+            }
+        })?;
+        *slot.discovery.lock().unwrap_or_else(|e| e.into_inner()) = Some(discovery);
+    }
     let _ = slot.orchestrator.set(orch.clone());
     Ok(orch)
 }
@@ -315,20 +370,22 @@ impl WorkerLauncher {
             let id = spec.id.clone();
             let report: StateReporter = Arc::new(move |state| reporter_slot.set_state(&id, state));
             let launch = Launch {
-                exe: self.exe.clone(),
-                socket_dir: self.dir.path().to_path_buf(),
-                deploy_file: self.deploy_file.clone(),
-                base_dir: self.source.base_dir.clone(),
-                env: self.source.env.clone(),
                 stage: spec.id.clone(),
                 index,
                 replica,
-                monolithic: self.monolithic,
                 capacity: spec.max_queue + spec.max_batch_size,
                 routes: routes.clone(),
                 report,
+                origin: Origin::Child(ChildLaunch {
+                    exe: self.exe.clone(),
+                    socket_dir: self.dir.path().to_path_buf(),
+                    deploy_file: self.deploy_file.clone(),
+                    base_dir: self.source.base_dir.clone(),
+                    env: self.source.env.clone(),
+                    monolithic: self.monolithic,
+                }),
             };
-            match RemoteReplica::start(launch, self.dir.clone()) {
+            match RemoteReplica::start(launch, Some(self.dir.clone())) {
                 Ok(r) => replicas.push(Replica::Remote(r)),
                 Err(message) => {
                     slot.set_state(&spec.id, StageState::Failed(message.clone()));

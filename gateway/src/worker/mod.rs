@@ -1,33 +1,36 @@
-//! Stages in their own processes: a stage marked `process = true` runs in a supervised child,
-//! `omnistage worker`, connected to the gateway over a Unix stream socket.
+//! Stages in their own processes.
 //!
-//! **Protocol.** Each message is one [`ToWorker`](omnistage_connectors::remote::ToWorker) /
-//! [`FromWorker`](omnistage_connectors::remote::FromWorker) control message, framed on the socket
-//! as a `u32` little-endian byte length then the encoded message; a frame over [`MAX_FRAME`] is a
-//! protocol error that closes the connection. The worker sends `Ready` once its engine is loaded,
-//! then one `Event` per stage event, in the stage's order.
+//! - `process = true`: each replica runs in a supervised child, `omnistage worker --socket`,
+//!   linked to the gateway by shared memory ([`link`]: message bytes in a memfd ring, small
+//!   descriptors on a private Unix socket). The supervisor restarts a dead child with back-off.
+//! - `remote = true`: replicas are `omnistage worker --listen` processes started elsewhere
+//!   ([`listen`]), registered in etcd; the gateway follows them ([`discover`]) and reaches each
+//!   over authenticated TCP, reconnecting while it stays registered.
 //!
-//! **Payloads travel inline** in the socket frames for now (hidden states, codes and PCM are
-//! copied through the socket). The shared-memory channel in `omnistage_connectors::shm` is the
-//! follow-up that will carry large payloads out of band.
+//! **Protocol.** Every message is one [`ToWorker`](omnistage_connectors::remote::ToWorker) /
+//! [`FromWorker`](omnistage_connectors::remote::FromWorker) control message of at most
+//! [`MAX_FRAME`] bytes. The worker sends `Ready` once its engine is loaded, then one `Event` per
+//! stage event, in the stage's order. A worker serves any number of gateways ([`session`]).
 //!
 //! **Threads.** Gateway side, per connection: a writer thread draining a bounded queue of
 //! outgoing messages and a reader thread routing events to the jobs' channels; per replica, a
-//! supervisor thread that spawns the child, waits for `Ready`, and restarts it with exponential
-//! back-off when its socket closes or it exits. Worker side: the main thread reads messages, a
-//! writer thread sends the stage's events.
+//! supervisor thread that (re)starts or reconnects it. Worker side, per gateway: a reader (the
+//! session) and a writer thread.
 
 pub mod child;
+pub mod discover;
+pub mod link;
+pub mod listen;
 pub mod remote;
+pub mod session;
 mod supervisor;
 
 use omnistage_stages::deploy::DeployGraph;
-use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
 pub use remote::RemoteReplica;
 
-/// Largest frame either side accepts (a message with its inline payloads).
+/// Largest control message either side accepts (with its payloads).
 pub const MAX_FRAME: usize = 256 << 20;
 
 /// What the gateway needs to start stage workers.
@@ -57,36 +60,6 @@ impl DeploySource {
         graph.check_models().map_err(|e| e.to_string())?;
         Ok(graph)
     }
-}
-
-/// Writes one frame: the `u32` LE length, then `msg`.
-pub fn write_frame(w: &mut impl Write, msg: &[u8]) -> std::io::Result<()> {
-    let len = u32::try_from(msg.len())
-        .ok()
-        .filter(|l| (*l as usize) <= MAX_FRAME)
-        .ok_or_else(|| std::io::Error::other(format!("frame of {} bytes is too big", msg.len())))?;
-    w.write_all(&len.to_le_bytes())?;
-    w.write_all(msg)?;
-    w.flush()
-}
-
-/// Reads one frame; `Ok(None)` at a clean end of stream.
-pub fn read_frame(r: &mut impl Read) -> std::io::Result<Option<Vec<u8>>> {
-    let mut len = [0u8; 4];
-    match r.read_exact(&mut len) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
-        Err(e) => return Err(e),
-    }
-    let len = u32::from_le_bytes(len) as usize;
-    if len > MAX_FRAME {
-        return Err(std::io::Error::other(format!(
-            "frame of {len} bytes exceeds the {MAX_FRAME}-byte limit"
-        )));
-    }
-    let mut buf = vec![0u8; len];
-    r.read_exact(&mut buf)?;
-    Ok(Some(buf))
 }
 
 /// A folder only this user may enter (mode 0700), removed when dropped.
@@ -131,23 +104,6 @@ impl Drop for PrivateDir {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn frames_round_trip_and_refuse_oversized_lengths() {
-        let mut buf = Vec::new();
-        write_frame(&mut buf, b"hello").unwrap();
-        write_frame(&mut buf, b"").unwrap();
-        let mut r = std::io::Cursor::new(buf);
-        assert_eq!(read_frame(&mut r).unwrap().unwrap(), b"hello");
-        assert_eq!(read_frame(&mut r).unwrap().unwrap(), b"");
-        assert!(read_frame(&mut r).unwrap().is_none());
-        let huge = (MAX_FRAME as u32 + 1).to_le_bytes();
-        assert!(read_frame(&mut std::io::Cursor::new(huge.to_vec())).is_err());
-        // A truncated body is an error, not a clean end.
-        let mut cut = 10u32.to_le_bytes().to_vec();
-        cut.extend_from_slice(b"abc");
-        assert!(read_frame(&mut std::io::Cursor::new(cut)).is_err());
-    }
 
     #[test]
     fn private_dir_is_0700_and_removed_on_drop() {

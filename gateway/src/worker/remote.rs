@@ -6,6 +6,7 @@ use super::PrivateDir;
 use crate::orchestrator::EventRoutes;
 use crate::runtime::StageState;
 use omnistage_connectors::remote::{FromWorker, RefuseReason, ToWorker};
+use omnistage_connectors::tcp::Secret;
 use omnistage_scheduler::{StageStats, SubmitError};
 use omnistage_stages::{EngineError, JobId, Payload, StageEvent, StageInput};
 use std::collections::HashSet;
@@ -17,26 +18,57 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+/// Where a replica's worker runs (for `/health`).
+#[derive(Debug, Clone, PartialEq)]
+pub enum WorkerLocation {
+    Child {
+        pid: Option<u32>,
+    },
+    Endpoint {
+        instance: String,
+        addr: String,
+        connected: bool,
+    },
+}
+
 /// Reports the stage's state (for `/health`).
 pub type StateReporter = Arc<dyn Fn(StageState) + Send + Sync>;
 
-/// How to start one replica's worker process.
+/// One replica's worker: where it runs and how its jobs' events are routed.
 pub struct Launch {
+    pub stage: String,
+    /// The stage's index in the graph (what its events are routed with).
+    pub index: usize,
+    pub replica: usize,
+    /// In-flight jobs the replica takes before answering `QueueFull`.
+    pub capacity: usize,
+    pub routes: EventRoutes,
+    pub report: StateReporter,
+    pub origin: Origin,
+}
+
+/// Where a replica's worker runs.
+pub enum Origin {
+    /// A child process of this gateway, started (and restarted) by it.
+    Child(ChildLaunch),
+    /// A worker found through discovery, reached over authenticated TCP and reconnected to
+    /// (with back-off) until it leaves the cluster.
+    Endpoint {
+        instance: String,
+        addr: String,
+        secret: Secret,
+    },
+}
+
+/// How to start a child worker process.
+pub struct ChildLaunch {
     pub exe: PathBuf,
     /// The private folder holding the socket and the deployment file.
     pub socket_dir: PathBuf,
     pub deploy_file: PathBuf,
     pub base_dir: PathBuf,
     pub env: Vec<(String, String)>,
-    pub stage: String,
-    /// The stage's index in the graph (what its events are routed with).
-    pub index: usize,
-    pub replica: usize,
     pub monolithic: bool,
-    /// In-flight jobs the replica takes before answering `QueueFull`.
-    pub capacity: usize,
-    pub routes: EventRoutes,
-    pub report: StateReporter,
 }
 
 /// One replica of a stage running in a worker process (see the [module docs](super)).
@@ -68,21 +100,44 @@ pub(super) struct Conn {
     pub(super) generation: u64,
 }
 
-/// A started worker and its connection threads.
+/// A started (or reached) worker and its connection threads.
 pub(super) struct Running {
-    pub(super) child: Child,
-    pub(super) stream: UnixStream,
+    /// `None` for a worker this gateway did not start.
+    pub(super) child: Option<Child>,
+    pub(super) stream: Stream,
     pub(super) generation: u64,
     pub(super) threads: Vec<JoinHandle<()>>,
+}
+
+/// The connection, kept to shut it down.
+pub(super) enum Stream {
+    /// The two control sockets of a shared-memory link.
+    Shm(UnixStream, UnixStream),
+    Tcp(std::net::TcpStream),
+}
+
+impl Stream {
+    pub(super) fn shutdown(&self) {
+        let both = std::net::Shutdown::Both;
+        match self {
+            Stream::Shm(a, b) => {
+                let _ = a.shutdown(both);
+                let _ = b.shutdown(both);
+            }
+            Stream::Tcp(s) => {
+                let _ = s.shutdown(both);
+            }
+        }
+    }
 }
 
 impl RemoteReplica {
     /// Starts the worker, waits for `Ready`, and hands it to a supervisor thread that restarts
     /// it when it dies.
-    /// `dir` is `launch.socket_dir`, removed once every replica holding it has shut down.
-    pub fn start(launch: Launch, dir: Arc<PrivateDir>) -> Result<RemoteReplica, String> {
+    /// `dir` (a child's `socket_dir`) is removed once every replica holding it has shut down.
+    pub fn start(launch: Launch, dir: Option<Arc<PrivateDir>>) -> Result<RemoteReplica, String> {
         let inner = Arc::new(Inner {
-            dir: Mutex::new(Some(dir)),
+            dir: Mutex::new(dir),
             launch,
             conn: Mutex::new(Conn::default()),
             stats: Mutex::new(StageStats::default()),
@@ -91,7 +146,16 @@ impl RemoteReplica {
             stop: Mutex::new(false),
             stop_cv: Condvar::new(),
         });
-        let running = start_once(&inner)?;
+        // A child that cannot start is a start-up error; a discovered worker that cannot be
+        // reached yet is retried with back-off (it may still be starting).
+        let running = match (&inner.launch.origin, start_once(&inner)) {
+            (_, Ok(r)) => Some(r),
+            (Origin::Child(_), Err(e)) => return Err(e),
+            (Origin::Endpoint { addr, .. }, Err(e)) => {
+                tracing::warn!(stage = %inner.launch.stage, %addr, "worker not reachable yet: {e}");
+                None
+            }
+        };
         let sup = inner.clone();
         let supervisor = std::thread::Builder::new()
             .name(format!(
@@ -104,6 +168,27 @@ impl RemoteReplica {
             inner,
             supervisor: Mutex::new(Some(supervisor)),
         })
+    }
+
+    /// Where the worker runs: its process id (a child; `None` while none runs) or its
+    /// discovered instance and address.
+    pub fn location(&self) -> WorkerLocation {
+        match &self.inner.launch.origin {
+            Origin::Child(_) => WorkerLocation::Child { pid: self.pid() },
+            Origin::Endpoint { instance, addr, .. } => WorkerLocation::Endpoint {
+                instance: instance.clone(),
+                addr: addr.clone(),
+                connected: self.inner.conn().tx.is_some(),
+            },
+        }
+    }
+
+    /// The discovered instance this replica reaches (`None` for a child worker).
+    pub fn instance(&self) -> Option<&str> {
+        match &self.inner.launch.origin {
+            Origin::Child(_) => None,
+            Origin::Endpoint { instance, .. } => Some(instance),
+        }
     }
 
     /// The worker's process id (`None` while none runs).
@@ -255,7 +340,7 @@ impl Inner {
             self.route(
                 job,
                 StageEvent::Failed(EngineError::Unavailable(format!(
-                    "the worker process of stage `{}` {why}",
+                    "the worker of stage `{}` {why}",
                     self.launch.stage
                 ))),
             );

@@ -1,12 +1,13 @@
 //! Starting a stage's worker process, watching it, and restarting it with exponential back-off
 //! when its socket closes or it exits.
 
-use super::remote::{Inner, Running};
-use super::{read_frame, write_frame};
+use super::link::{self, LinkReader, LinkWriter};
+use super::listen::link_limits;
+use super::remote::{ChildLaunch, Inner, Origin, Running, Stream};
 use crate::runtime::StageState;
 use omnistage_connectors::remote::{decode_from_worker, encode_to_worker, FromWorker, ToWorker};
-use std::io::BufReader;
-use std::os::unix::net::{UnixListener, UnixStream};
+use omnistage_connectors::tcp::blocking;
+use std::os::unix::net::UnixListener;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -15,6 +16,8 @@ use std::time::{Duration, Instant};
 
 /// How long a (re)started worker may take to load its stage and say `Ready`.
 const READY_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long a discovered worker may take to accept, authenticate and say `Ready`.
+const ENDPOINT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Restart back-off: doubles from the first to the last.
 const BACKOFF_FIRST: Duration = Duration::from_millis(200);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
@@ -27,8 +30,8 @@ const EXIT_GRACE: Duration = Duration::from_secs(1);
 const OUTBOX: usize = 4096;
 
 /// Runs the worker until shutdown, restarting it with exponential back-off when it dies.
-pub(super) fn supervise(inner: &Arc<Inner>, first: Running) {
-    let mut current = Some(first);
+pub(super) fn supervise(inner: &Arc<Inner>, first: Option<Running>) {
+    let mut current = first;
     let mut backoff = BACKOFF_FIRST;
     loop {
         let why = match current.take() {
@@ -65,58 +68,86 @@ pub(super) fn supervise(inner: &Arc<Inner>, first: Running) {
     }
 }
 
-/// Waits until the worker dies or shutdown is asked, then tears it down; returns what happened.
+/// Waits until the worker dies (or its connection drops) or shutdown is asked, then tears it
+/// down; returns what happened.
 fn watch(inner: &Inner, mut running: Running) -> String {
     let why = loop {
         if inner.stopping() {
             if let Some(tx) = inner.conn().tx.clone() {
                 let _ = tx.try_send(ToWorker::Shutdown);
             }
-            let deadline = Instant::now() + EXIT_GRACE;
-            while Instant::now() < deadline && matches!(running.child.try_wait(), Ok(None)) {
-                std::thread::sleep(Duration::from_millis(10));
+            if let Some(child) = running.child.as_mut() {
+                let deadline = Instant::now() + EXIT_GRACE;
+                while Instant::now() < deadline && matches!(child.try_wait(), Ok(None)) {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
             }
             break "was shut down".to_string();
         }
-        match running.child.try_wait() {
-            Ok(Some(status)) => break format!("exited ({status})"),
-            Ok(None) => {}
-            Err(e) => break format!("cannot be waited for: {e}"),
+        if let Some(child) = running.child.as_mut() {
+            match child.try_wait() {
+                Ok(Some(status)) => break format!("exited ({status})"),
+                Ok(None) => {}
+                Err(e) => break format!("cannot be waited for: {e}"),
+            }
         }
         if !inner.connected(running.generation) {
             break "closed its connection".to_string();
         }
         inner.sleep_or_stop(Duration::from_millis(50));
     };
-    // Kill (SIGKILL) if still alive, and reap it: no zombies, no orphans.
-    let _ = running.child.kill();
-    let _ = running.child.wait();
+    if let Some(child) = running.child.as_mut() {
+        // Kill (SIGKILL) if still alive, and reap it: no zombies, no orphans.
+        let _ = child.kill();
+        let _ = child.wait();
+    }
     inner.pid.store(0, Ordering::SeqCst);
     inner.connection_lost(running.generation, &why);
-    let _ = running.stream.shutdown(std::net::Shutdown::Both);
+    running.stream.shutdown();
     for t in running.threads {
         let _ = t.join();
     }
     why
 }
 
-/// Spawns the worker, accepts its connection, waits for `Ready` and starts the connection's
-/// reader and writer threads.
+/// Starts (a child) or reaches (an endpoint) the worker, waits for `Ready` and starts the
+/// connection's reader and writer threads.
 pub(super) fn start_once(inner: &Arc<Inner>) -> Result<Running, String> {
+    match &inner.launch.origin {
+        Origin::Child(c) => start_child(inner, c),
+        Origin::Endpoint { addr, secret, .. } => {
+            let deadline = Instant::now() + ENDPOINT_TIMEOUT;
+            let stream = blocking::connect(addr, secret, &link_limits())
+                .map_err(|e| format!("connecting to {addr}: {e}"))?;
+            let keep = stream.try_clone().map_err(|e| e.to_string())?;
+            let (writer, mut reader) = link::tcp(stream).map_err(|e| e.to_string())?;
+            await_ready(&mut reader, deadline)?;
+            let threads = connect(inner, writer, reader)?;
+            Ok(Running {
+                child: None,
+                stream: Stream::Tcp(keep),
+                generation: inner.conn().generation,
+                threads,
+            })
+        }
+    }
+}
+
+fn start_child(inner: &Arc<Inner>, c: &ChildLaunch) -> Result<Running, String> {
     let l = &inner.launch;
-    let socket = l
+    let socket = c
         .socket_dir
         .join(format!("stage-{}-{}.sock", l.index, l.replica));
     let _ = std::fs::remove_file(&socket);
     let listener =
         UnixListener::bind(&socket).map_err(|e| format!("binding {}: {e}", socket.display()))?;
     listener.set_nonblocking(true).map_err(|e| e.to_string())?;
-    let mut cmd = Command::new(&l.exe);
+    let mut cmd = Command::new(&c.exe);
     cmd.arg("worker")
         .arg("--deploy")
-        .arg(&l.deploy_file)
+        .arg(&c.deploy_file)
         .arg("--base-dir")
-        .arg(&l.base_dir)
+        .arg(&c.base_dir)
         .arg("--stage")
         .arg(&l.stage)
         .arg("--replica")
@@ -124,7 +155,7 @@ pub(super) fn start_once(inner: &Arc<Inner>) -> Result<Running, String> {
         .arg("--socket")
         .arg(&socket)
         .stdin(Stdio::null());
-    if l.monolithic {
+    if c.monolithic {
         cmd.arg("--monolithic");
     }
     // The worker applies exactly the overrides the gateway applied.
@@ -135,19 +166,24 @@ pub(super) fn start_once(inner: &Arc<Inner>) -> Result<Running, String> {
             cmd.env_remove(k);
         }
     }
-    cmd.envs(l.env.iter().map(|(k, v)| (k, v)));
+    cmd.envs(c.env.iter().map(|(k, v)| (k, v)));
     let mut child = cmd
         .spawn()
-        .map_err(|e| format!("spawning {}: {e}", l.exe.display()))?;
+        .map_err(|e| format!("spawning {}: {e}", c.exe.display()))?;
     let fail = |child: &mut Child, e: String| {
         let _ = child.kill();
         let _ = child.wait();
         Err(e)
     };
     let deadline = Instant::now() + READY_TIMEOUT;
-    let stream = loop {
+    // The worker connects twice: gateway → worker, then worker → gateway.
+    let mut streams = Vec::with_capacity(2);
+    while streams.len() < 2 {
         match listener.accept() {
-            Ok((s, _)) => break s,
+            Ok((s, _)) => {
+                streams.push(s);
+                continue;
+            }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
             Err(e) => return fail(&mut child, format!("accepting the worker: {e}")),
         }
@@ -161,43 +197,54 @@ pub(super) fn start_once(inner: &Arc<Inner>) -> Result<Running, String> {
             );
         }
         std::thread::sleep(Duration::from_millis(10));
-    };
+    }
     drop(listener);
     let _ = std::fs::remove_file(&socket);
-    let ready = (|| -> Result<(), String> {
-        stream.set_nonblocking(false).map_err(|e| e.to_string())?;
-        let left = deadline.saturating_duration_since(Instant::now());
-        stream
-            .set_read_timeout(Some(left.max(Duration::from_millis(1))))
-            .map_err(|e| e.to_string())?;
-        let frame = read_frame(&mut &stream)
-            .map_err(|e| format!("waiting for Ready: {e}"))?
-            .ok_or("the worker closed its connection before Ready")?;
-        match decode_from_worker(&frame).map_err(|e| e.to_string())? {
-            FromWorker::Ready { .. } => {}
-            other => return Err(format!("expected Ready, got {other:?}")),
+    let from_worker = streams.pop().expect("two connections");
+    let to_worker = streams.pop().expect("two connections");
+    let started = (|| {
+        for s in [&to_worker, &from_worker] {
+            s.set_nonblocking(false).map_err(|e| e.to_string())?;
         }
-        stream.set_read_timeout(None).map_err(|e| e.to_string())
+        let keep = Stream::Shm(
+            to_worker.try_clone().map_err(|e| e.to_string())?,
+            from_worker.try_clone().map_err(|e| e.to_string())?,
+        );
+        let (writer, mut reader) = link::shm_gateway(to_worker, from_worker)?;
+        await_ready(&mut reader, deadline)?;
+        Ok::<_, String>((keep, connect(inner, writer, reader)?))
     })();
-    if let Err(e) = ready {
-        return fail(&mut child, e);
-    }
-    let threads = match connect(inner, &stream) {
+    let (keep, threads) = match started {
         Ok(t) => t,
         Err(e) => return fail(&mut child, e),
     };
     inner.pid.store(child.id(), Ordering::SeqCst);
-    let generation = inner.conn().generation;
     Ok(Running {
-        child,
-        stream,
-        generation,
+        child: Some(child),
+        stream: keep,
+        generation: inner.conn().generation,
         threads,
     })
 }
 
+/// Reads the worker's first message, which must be `Ready`, before `deadline`.
+fn await_ready(reader: &mut LinkReader, deadline: Instant) -> Result<(), String> {
+    let msg = reader
+        .recv_with(Some(deadline), decode_from_worker)
+        .map_err(|e| format!("waiting for Ready: {e}"))?
+        .ok_or("the worker closed its connection before Ready")?;
+    match msg.map_err(|e| e.to_string())? {
+        FromWorker::Ready { .. } => Ok(()),
+        other => Err(format!("expected Ready, got {other:?}")),
+    }
+}
+
 /// Starts the reader and writer threads of a new connection and publishes it.
-fn connect(inner: &Arc<Inner>, stream: &UnixStream) -> Result<Vec<JoinHandle<()>>, String> {
+fn connect(
+    inner: &Arc<Inner>,
+    mut writer: LinkWriter,
+    mut reader: LinkReader,
+) -> Result<Vec<JoinHandle<()>>, String> {
     let (tx, rx) = crossbeam_channel::bounded::<ToWorker>(OUTBOX);
     let generation = {
         let mut conn = inner.conn();
@@ -206,7 +253,6 @@ fn connect(inner: &Arc<Inner>, stream: &UnixStream) -> Result<Vec<JoinHandle<()>
         conn.generation
     };
     let name = format!("{}-{}", inner.launch.stage, inner.launch.replica);
-    let mut write_half = stream.try_clone().map_err(|e| e.to_string())?;
     let w_inner = inner.clone();
     let writer = std::thread::Builder::new()
         .name(format!("worker-tx-{name}"))
@@ -214,27 +260,23 @@ fn connect(inner: &Arc<Inner>, stream: &UnixStream) -> Result<Vec<JoinHandle<()>
             for msg in rx {
                 let sent = encode_to_worker(&msg)
                     .map_err(|e| e.to_string())
-                    .and_then(|b| write_frame(&mut write_half, &b).map_err(|e| e.to_string()));
+                    .and_then(|b| writer.send(&b));
                 if let Err(e) = sent {
                     w_inner.connection_lost(generation, &format!("could not be written to ({e})"));
-                    let _ = write_half.shutdown(std::net::Shutdown::Both);
+                    writer.shutdown();
                     return;
                 }
             }
         })
         .map_err(|e| e.to_string())?;
-    let read_half = stream.try_clone().map_err(|e| e.to_string())?;
     let r_inner = inner.clone();
     let reader = std::thread::Builder::new()
         .name(format!("worker-rx-{name}"))
         .spawn(move || {
-            let mut r = BufReader::new(read_half);
             let why = loop {
-                match read_frame(&mut r) {
-                    Ok(Some(frame)) => match decode_from_worker(&frame) {
-                        Ok(msg) => r_inner.on_message(msg),
-                        Err(e) => break format!("sent a bad message ({e})"),
-                    },
+                match reader.recv_with(None, decode_from_worker) {
+                    Ok(Some(Ok(msg))) => r_inner.on_message(msg),
+                    Ok(Some(Err(e))) => break format!("sent a bad message ({e})"),
                     Ok(None) => break "closed its connection".to_string(),
                     Err(e) => break format!("connection failed ({e})"),
                 }
