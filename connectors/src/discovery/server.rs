@@ -1,7 +1,7 @@
 //! A throwaway etcd for tests and benchmarks.
 
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::{IpAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -25,16 +25,25 @@ pub struct EtcdServer {
     child: Child,
     client_port: u16,
     peer_port: u16,
+    /// Another local address clients may use besides loopback (another network namespace's
+    /// view of this host).
+    also: Option<IpAddr>,
     dir: tempfile::TempDir,
 }
 
 impl EtcdServer {
     /// Starts etcd and waits (up to 20 s) until it reports itself healthy.
     pub fn start() -> Result<EtcdServer, DiscoveryError> {
+        Self::start_also_on(None)
+    }
+
+    /// As [`EtcdServer::start`], also serving clients on `also` (a local address, e.g. the host
+    /// end of a veth pair leading to another network namespace), same port.
+    pub fn start_also_on(also: Option<IpAddr>) -> Result<EtcdServer, DiscoveryError> {
         let bin = find_etcd()?;
         let mut last = None;
         for _ in 0..START_ATTEMPTS {
-            match Self::start_once(&bin) {
+            match Self::start_once(&bin, also) {
                 Ok(server) => return Ok(server),
                 Err(e) => last = Some(e),
             }
@@ -42,18 +51,19 @@ impl EtcdServer {
         Err(last.unwrap_or_else(|| DiscoveryError::Server("etcd did not start".to_string())))
     }
 
-    fn start_once(bin: &Path) -> Result<EtcdServer, DiscoveryError> {
+    fn start_once(bin: &Path, also: Option<IpAddr>) -> Result<EtcdServer, DiscoveryError> {
         let dir = tempfile::Builder::new()
             .prefix("omnistage-etcd-")
             .tempdir()
             .map_err(|e| DiscoveryError::Server(format!("could not create a temp dir: {e}")))?;
         let (client_port, peer_port) = free_ports()?;
-        let child = spawn(bin, dir.path(), client_port, peer_port)?;
+        let child = spawn(bin, dir.path(), client_port, peer_port, also)?;
         let mut server = EtcdServer {
             bin: bin.to_path_buf(),
             child,
             client_port,
             peer_port,
+            also,
             dir,
         };
         server.wait_healthy()?;
@@ -65,13 +75,25 @@ impl EtcdServer {
     pub fn restart(&mut self) -> Result<(), DiscoveryError> {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        self.child = spawn(&self.bin, self.dir.path(), self.client_port, self.peer_port)?;
+        self.child = spawn(
+            &self.bin,
+            self.dir.path(),
+            self.client_port,
+            self.peer_port,
+            self.also,
+        )?;
         self.wait_healthy()
     }
 
     /// The client URL, e.g. `http://127.0.0.1:41234`.
     pub fn endpoint(&self) -> String {
         format!("http://127.0.0.1:{}", self.client_port)
+    }
+
+    /// The client URL on the extra address given to [`EtcdServer::start_also_on`].
+    pub fn endpoint_on_also(&self) -> Option<String> {
+        self.also
+            .map(|ip| format!("http://{}", std::net::SocketAddr::new(ip, self.client_port)))
     }
 
     /// The temporary directory holding the data and `etcd.log`.
@@ -119,6 +141,7 @@ fn spawn(
     dir: &Path,
     client_port: u16,
     peer_port: u16,
+    also: Option<IpAddr>,
 ) -> Result<Child, DiscoveryError> {
     let log = std::fs::OpenOptions::new()
         .create(true)
@@ -129,6 +152,13 @@ fn spawn(
         .try_clone()
         .map_err(|e| DiscoveryError::Server(format!("could not share etcd.log: {e}")))?;
     let client_url = format!("http://127.0.0.1:{client_port}");
+    let listen_urls = match also {
+        Some(ip) => format!(
+            "{client_url},http://{}",
+            std::net::SocketAddr::new(ip, client_port)
+        ),
+        None => client_url.clone(),
+    };
     let peer_url = format!("http://127.0.0.1:{peer_port}");
     Command::new(bin)
         .arg("--name")
@@ -136,7 +166,7 @@ fn spawn(
         .arg("--data-dir")
         .arg(dir.join("data"))
         .arg("--listen-client-urls")
-        .arg(&client_url)
+        .arg(&listen_urls)
         .arg("--advertise-client-urls")
         .arg(&client_url)
         .arg("--listen-peer-urls")
