@@ -458,18 +458,12 @@ impl<'a> Reader<'a> {
 
     fn f32s(&mut self, n: usize) -> Result<Arc<[f32]>, WireError> {
         let bytes = n.checked_mul(4).ok_or(WireError::Overflow("f32 count"))?;
-        let b = self.take(bytes)?;
-        Ok(b.chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect())
+        Ok(words_into_arc(self.take(bytes)?, f32::from_le_bytes))
     }
 
     fn u32s(&mut self, n: usize) -> Result<Arc<[u32]>, WireError> {
         let bytes = n.checked_mul(4).ok_or(WireError::Overflow("u32 count"))?;
-        let b = self.take(bytes)?;
-        Ok(b.chunks_exact(4)
-            .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect())
+        Ok(words_into_arc(self.take(bytes)?, u32::from_le_bytes))
     }
 
     fn hidden(&mut self, kind: PayloadKind) -> Result<HiddenStates, WireError> {
@@ -491,6 +485,26 @@ impl<'a> Reader<'a> {
             pooled: self.f32s(n)?,
         })
     }
+}
+
+/// Decodes little-endian 4-byte words straight into a shared slice: one pass, one allocation
+/// (collecting into `Arc<[T]>` would fill a `Vec` first and copy it).
+fn words_into_arc<T>(b: &[u8], word: impl Fn([u8; 4]) -> T) -> Arc<[T]> {
+    let n = b.len() / 4;
+    let mut out = Arc::<[T]>::new_uninit_slice(n);
+    let Some(slots) = Arc::get_mut(&mut out) else {
+        // Unreachable (a fresh Arc has one owner); the slow path keeps it sound regardless.
+        return b
+            .chunks_exact(4)
+            .map(|c| word([c[0], c[1], c[2], c[3]]))
+            .collect();
+    };
+    for (slot, c) in slots.iter_mut().zip(b.chunks_exact(4)) {
+        slot.write(word([c[0], c[1], c[2], c[3]]));
+    }
+    // SAFETY: `slots` are all `n` elements of `out`, and `b` holds at least `4·n` bytes, so the
+    // loop wrote every one of them.
+    unsafe { out.assume_init() }
 }
 
 #[cfg(test)]
