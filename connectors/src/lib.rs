@@ -4,8 +4,9 @@
 //! `Arc`'d buffer (no copy). Shared memory and TCP transports move bytes between processes and
 //! hosts: `wire` encodes payloads to bytes, `shm` moves them through a shared-memory ring between
 //! processes (also usable in one process as [`shm::ShmConnector`]), and `tcp` is an authenticated,
-//! framed, bounded link between hosts. Worker processes that use them come with multi-process
-//! execution; until then a `tcp` edge is refused by name.
+//! framed, bounded link between hosts. Payloads for a stage in a worker process cross in that
+//! worker's link to the gateway (shared memory for a child, TCP for a remote worker), so at the
+//! gateway a `tcp` edge — one whose end is `remote = true`, as validation requires — is a move.
 //!
 //! Must not know: the stage graph, engines, HTTP.
 
@@ -21,8 +22,6 @@ use omnistage_stages::Payload;
 /// Why a connector could not be built or could not move a payload.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum ConnectorError {
-    #[error("connector `{0}` is not available in this build yet: only `inproc` edges can run; use connector = \"inproc\"")]
-    Unavailable(&'static str),
     #[error("connector `{connector}` failed: {reason}")]
     Transport {
         connector: &'static str,
@@ -59,7 +58,22 @@ pub fn connector_for(kind: ConnectorKind) -> Result<Box<dyn Connector>, Connecto
         ConnectorKind::Shm => Ok(Box::new(
             shm::ShmConnector::new(shm::DEFAULT_CAPACITY).map_err(shm::to_connector_error)?,
         )),
-        ConnectorKind::Tcp => Err(ConnectorError::Unavailable("tcp")),
+        ConnectorKind::Tcp => Ok(Box::new(WorkerLinkConnector)),
+    }
+}
+
+/// A `tcp` edge at the gateway: its remote end's worker link carries the bytes (authenticated
+/// TCP frames), so handing the payload to that link is a move.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct WorkerLinkConnector;
+
+impl Connector for WorkerLinkConnector {
+    fn kind(&self) -> ConnectorKind {
+        ConnectorKind::Tcp
+    }
+
+    fn deliver(&self, payload: Payload) -> Result<Payload, ConnectorError> {
+        Ok(payload)
     }
 }
 
@@ -82,9 +96,14 @@ mod tests {
     }
 
     #[test]
-    fn unbuilt_transports_are_refused_by_name() {
-        let err = connector_for(ConnectorKind::Tcp).err().unwrap();
-        assert!(err.to_string().contains("tcp"));
+    fn a_tcp_edge_hands_the_payload_to_its_worker_link() {
+        let hidden = HiddenStates::new(vec![2.0; 64], 8);
+        let tcp = connector_for(ConnectorKind::Tcp).unwrap();
+        assert_eq!(tcp.kind(), ConnectorKind::Tcp);
+        match tcp.deliver(Payload::Hidden(hidden.clone())).unwrap() {
+            Payload::Hidden(h) => assert!(std::sync::Arc::ptr_eq(&h.data, &hidden.data)),
+            other => panic!("expected hidden states, got {other:?}"),
+        }
     }
 
     #[test]

@@ -113,3 +113,43 @@ fn the_secret_comes_from_its_file_and_must_be_long_enough() {
     assert!(err.to_string().contains("none"), "{err}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn a_tcp_edge_needs_a_remote_end() {
+    let two = |remote: &str| {
+        format!(
+            r#"
+[[stage]]
+id = "thinker"
+kind = "llm"
+model = "m/thinker"
+outputs = ["text", "hidden"]
+
+[[stage]]
+id = "helper"
+kind = "llm"
+model = "m/helper"
+{remote}
+
+[[edge]]
+from = "thinker"
+to = "helper"
+carries = "hidden"
+connector = "tcp"
+
+[outputs]
+text = "helper"
+
+[cluster]
+etcd = ["http://e:2379"]
+"#
+        )
+    };
+    let err = load(&two("")).unwrap_err();
+    assert!(
+        err.contains("connector") && err.contains("remote = true"),
+        "{err}"
+    );
+    let g = load(&two("remote = true")).unwrap();
+    assert!(g.stages[1].remote);
+}

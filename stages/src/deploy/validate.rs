@@ -3,7 +3,7 @@
 //! and no dead stages.
 
 use super::fields::bad;
-use super::{join, modality_payload, DeployError, DeployGraph, EdgeSpec, Site};
+use super::{join, modality_payload, ConnectorKind, DeployError, DeployGraph, EdgeSpec, Site};
 use std::collections::HashMap;
 
 /// Runs every structural check; returns the first problem found.
@@ -64,6 +64,18 @@ pub(super) fn check(g: &DeployGraph, file: &str) -> Result<(), DeployError> {
                 payload: e.carries,
                 allowed: join(to.kind.accepts()),
             });
+        }
+        if e.connector == ConnectorKind::Tcp && !(from.remote || to.remote) {
+            return Err(bad(
+                file,
+                &site,
+                "connector",
+                &format!(
+                    "a `tcp` edge crosses hosts: mark `{}` or `{}` remote = true (its workers are \
+                     reached over TCP), or use connector = \"inproc\"",
+                    e.from, e.to
+                ),
+            ));
         }
     }
 
