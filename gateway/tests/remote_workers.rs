@@ -70,6 +70,10 @@ fn etcd_config(c: &Cluster) -> EtcdConfig {
 }
 
 fn spawn_worker(c: &Cluster, instance: &str) -> Child {
+    spawn_worker_with(c, instance, &[])
+}
+
+fn spawn_worker_with(c: &Cluster, instance: &str, extra: &[&str]) -> Child {
     Command::new(env!("CARGO_BIN_EXE_omnistage"))
         .args(["worker", "--deploy"])
         .arg(&c.deploy)
@@ -81,6 +85,7 @@ fn spawn_worker(c: &Cluster, instance: &str) -> Child {
             "--instance",
             instance,
         ])
+        .args(extra)
         .envs(env())
         .stdin(Stdio::null())
         .spawn()
@@ -172,8 +177,26 @@ async fn remote_workers_join_serve_fail_alone_and_leave_nothing_behind() {
     let c = sync(cluster);
     let watch = sync(|| Membership::watch(&etcd_config(&c)).expect("watch etcd"));
     let mut w1 = spawn_worker(&c, "w1");
-    let mut w2 = spawn_worker(&c, "w2");
+    let http = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().to_string()
+    };
+    let mut w2 = spawn_worker_with(&c, "w2", &["--http", &http]);
     sync(|| wait_members(&watch, &["w1", "w2"], Duration::from_secs(60)));
+
+    // The worker's own probes and metrics.
+    let probe = reqwest::Client::new();
+    let wh: Value = probe
+        .get(format!("http://{http}/health"))
+        .send()
+        .await
+        .expect("worker /health")
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(wh["status"], "ready", "{wh}");
+    assert_eq!(wh["stage"], "codec", "{wh}");
+    assert_eq!(wh["instance"], "w2", "{wh}");
 
     let server = start_gateway(&c).await;
     let h = wait_connected(&server, 2).await;
@@ -198,6 +221,25 @@ async fn remote_workers_join_serve_fail_alone_and_leave_nothing_behind() {
     assert_eq!(status, 200, "{body}");
     assert_eq!(audio_bytes(&body), remote_audio, "same seed, same audio");
     local.server.abort();
+
+    let metrics = probe
+        .get(format!("http://{http}/metrics"))
+        .send()
+        .await
+        .expect("worker /metrics")
+        .text()
+        .await
+        .unwrap();
+    assert!(metrics.contains("omnistage_"), "{metrics}");
+    let wh: Value = probe
+        .get(format!("http://{http}/health"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(wh["gateways"], 1, "one gateway holds a session: {wh}");
 
     // Concurrent requests spread over both workers.
     let burst: Vec<_> = (0..4)
