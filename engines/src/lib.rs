@@ -13,4 +13,5 @@ pub mod factory;
 pub mod kernels;
 pub mod llm;
 pub mod media;
+pub mod mot;
 pub mod tiny;

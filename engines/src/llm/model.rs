@@ -24,6 +24,8 @@ use super::config::LlmConfig;
 pub use super::config::LlmError;
 use super::weights::{classify_load_error, load_var_builder};
 
+mod stack;
+
 /// KV capacity is allocated in multiples of this many tokens.
 const KV_BLOCK: usize = 16;
 
@@ -490,13 +492,8 @@ impl LlmModel {
             .map(|s| self.causal_mask(s))
             .collect::<candle_core::Result<Vec<_>>>()?;
 
-        for (li, layer) in self.layers.iter().enumerate() {
-            let residual = &xs;
-            let h = layer.input_layernorm.forward(&xs)?;
-            let attn = self.attention(li, &layer.attn, &h, &cos, &sin, kv, &spans, &masks)?;
-            let xs1 = (attn + residual)?;
-            let h = layer.post_attention_layernorm.forward(&xs1)?;
-            xs = (layer.mlp.forward(&h)? + &xs1)?;
+        for li in 0..self.layers.len() {
+            xs = self.run_layer(li, &xs, &cos, &sin, kv, &spans, &masks)?;
         }
         let xs = self.norm.forward(&xs)?;
 
@@ -519,6 +516,26 @@ impl LlmModel {
             })
             .collect::<candle_core::Result<Vec<_>>>()?;
         Ok(BatchOutput { logits, hidden })
+    }
+
+    /// Decoder layer `li` over the whole batch's residual stream `xs` (`[T_total, hidden]`).
+    #[allow(clippy::too_many_arguments)]
+    fn run_layer(
+        &self,
+        li: usize,
+        xs: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        kv: &mut dyn KvAccess,
+        spans: &[Span],
+        masks: &[Option<Tensor>],
+    ) -> candle_core::Result<Tensor> {
+        let layer = &self.layers[li];
+        let h = layer.input_layernorm.forward(xs)?;
+        let attn = self.attention(li, &layer.attn, &h, cos, sin, kv, spans, masks)?;
+        let xs1 = (attn + xs)?;
+        let h = layer.post_attention_layernorm.forward(&xs1)?;
+        layer.mlp.forward(&h)? + &xs1
     }
 
     /// `xs` (`[T_total, hidden]`) with each sequence's splice rows in place of its token

@@ -12,6 +12,7 @@ mod flux;
 mod image;
 mod llm;
 mod mimi;
+mod mot;
 mod sd3;
 mod snac;
 mod talker;
@@ -25,6 +26,10 @@ pub use flux::{write_tiny_flux_transformer, TinyFluxSpec};
 pub use image::{write_tiny_image_pipeline, TINY_SCHEDULER_SHIFT};
 pub use llm::{write_tiny_llm, TinyFamily, TinyLlmSpec, TINY_CHAT_TEMPLATE};
 pub use mimi::{write_tiny_mimi, TinyMimiLayout, TinyMimiSpec};
+pub use mot::{
+    tiny_mot_expert_specs, write_mot, TINY_MOT_ALPHA, TINY_MOT_EXPERTS, TINY_MOT_HEADS,
+    TINY_MOT_SHARED_DIM, TINY_MOT_STACKS,
+};
 pub use sd3::{write_tiny_sd3_transformer, TinySd3Spec};
 pub use snac::{write_tiny_snac, TinySnacSpec};
 pub use talker::{
