@@ -321,6 +321,25 @@ struct WorkerLauncher {
     deploy_file: std::path::PathBuf,
     source: crate::worker::DeploySource,
     monolithic: bool,
+    threads: Option<usize>,
+}
+
+/// Compute threads each child worker gets: the machine's cores shared among the worker
+/// processes (at least one each), so that N workers with a pool of every core each do not
+/// oversubscribe the CPU (measured in benches/README.md, "Stages in separate processes").
+/// `None` when the operator set `RAYON_NUM_THREADS` (the children inherit it).
+fn worker_threads(graph: &DeployGraph) -> Option<usize> {
+    if std::env::var_os("RAYON_NUM_THREADS").is_some() {
+        return None;
+    }
+    let workers: usize = graph
+        .stages
+        .iter()
+        .filter(|s| s.process)
+        .map(|s| s.replicas)
+        .sum();
+    let cores = std::thread::available_parallelism().map_or(1, usize::from);
+    Some((cores / workers.max(1)).max(1))
 }
 
 impl WorkerLauncher {
@@ -354,6 +373,7 @@ impl WorkerLauncher {
             deploy_file,
             source: source.clone(),
             monolithic: mode == ExecutionMode::Monolithic,
+            threads: worker_threads(graph),
         }))
     }
 
@@ -383,6 +403,7 @@ impl WorkerLauncher {
                     base_dir: self.source.base_dir.clone(),
                     env: self.source.env.clone(),
                     monolithic: self.monolithic,
+                    threads: self.threads,
                 }),
             };
             match RemoteReplica::start(launch, Some(self.dir.clone())) {

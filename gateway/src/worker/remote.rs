@@ -69,6 +69,8 @@ pub struct ChildLaunch {
     pub base_dir: PathBuf,
     pub env: Vec<(String, String)>,
     pub monolithic: bool,
+    /// Compute threads the worker may use (`RAYON_NUM_THREADS`); `None` = its default.
+    pub threads: Option<usize>,
 }
 
 /// One replica of a stage running in a worker process (see the [module docs](super)).

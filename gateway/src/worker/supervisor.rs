@@ -167,6 +167,9 @@ fn start_child(inner: &Arc<Inner>, c: &ChildLaunch) -> Result<Running, String> {
         }
     }
     cmd.envs(c.env.iter().map(|(k, v)| (k, v)));
+    if let Some(n) = c.threads {
+        cmd.env("RAYON_NUM_THREADS", n.to_string());
+    }
     let mut child = cmd
         .spawn()
         .map_err(|e| format!("spawning {}: {e}", c.exe.display()))?;
