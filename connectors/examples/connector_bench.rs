@@ -1,6 +1,8 @@
 //! Throughput and latency of payload handover: in-process (`Arc` move), shared memory across two
 //! processes (this binary re-runs itself as the consumer), shared memory within one thread
-//! (`ShmConnector`), against a plain memcpy of the same bytes, all in the same run.
+//! (`ShmConnector`), and authenticated TCP over loopback (the gateway ↔ remote worker frames: encode,
+//! frame + CRC-32, send, check, decode, 8-byte reply), against a plain memcpy of the same bytes,
+//! all in the same run.
 //!
 //! ```sh
 //! cargo run --release -p omnistage-connectors --example connector_bench
@@ -11,6 +13,8 @@
 //! and drops each payload, so it pays the allocation the receiving stage would pay.
 
 use omnistage_connectors::shm::{ShmConnector, ShmError, ShmReceiver, ShmSender};
+use omnistage_connectors::tcp::blocking::{self, FrameReader, FrameWriter};
+use omnistage_connectors::tcp::{Limits, Secret};
 use omnistage_connectors::{wire, Connector, InprocConnector};
 use omnistage_stages::payload::PcmAudio;
 use omnistage_stages::Payload;
@@ -50,6 +54,37 @@ fn consumer(path: &str) -> Result<(), ShmError> {
     }
 }
 
+const TCP_MAX_FRAME: usize = 80 << 20;
+
+/// A TCP peer on loopback: accepts one authenticated connection, decodes every payload it is sent
+/// and answers each with an 8-byte frame.
+fn tcp_peer(secret: Secret) -> std::io::Result<(String, std::thread::JoinHandle<()>)> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let addr = listener.local_addr()?.to_string();
+    let handle = std::thread::spawn(move || {
+        let limits = Limits {
+            max_frame: TCP_MAX_FRAME,
+            ..Limits::default()
+        };
+        let Ok((conn, _)) = listener.accept() else {
+            return;
+        };
+        let Ok((conn, _)) = blocking::accept(conn, &secret, &limits) else {
+            return;
+        };
+        let Ok(read) = conn.try_clone() else { return };
+        let mut r = FrameReader::new(read, TCP_MAX_FRAME);
+        let mut w = FrameWriter::new(conn, TCP_MAX_FRAME);
+        while let Ok(Some(body)) = r.recv() {
+            black_box(wire::decode(&body).ok());
+            if w.send(&[0u8; 8]).is_err() {
+                return;
+            }
+        }
+    });
+    Ok((addr, handle))
+}
+
 /// Seconds per transfer of `f`, run `iters` times after 2 warm-up calls.
 fn time(iters: usize, mut f: impl FnMut()) -> f64 {
     f();
@@ -87,6 +122,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     std::fs::remove_file(&path)?;
     let mut tx = ShmSender::over(sock, RING)?;
     let local = ShmConnector::new(RING)?;
+    let secret = Secret::new("connector bench secret");
+    let (tcp_addr, tcp_thread) = tcp_peer(secret.clone())?;
+    let limits = Limits {
+        max_frame: TCP_MAX_FRAME,
+        ..Limits::default()
+    };
+    let tcp = blocking::connect(&tcp_addr, &secret, &limits)?;
+    let mut tcp_r = FrameReader::new(tcp.try_clone()?, TCP_MAX_FRAME);
+    let mut tcp_w = FrameWriter::new(tcp, TCP_MAX_FRAME);
 
     let mut rows = Vec::new();
     for (bytes, size, iters) in SIZES {
@@ -131,7 +175,20 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let shm_local = time(iters, || {
             black_box(local.deliver(p.clone()).ok());
         });
+        let mut tcp_err = None;
+        let tcp_sequential = time(iters.min(200), || {
+            let sent = wire::encode(&p)
+                .map_err(|e| e.to_string())
+                .and_then(|b| tcp_w.send(&b).map_err(|e| e.to_string()))
+                .and_then(|()| tcp_r.recv().map_err(|e| e.to_string()));
+            if let Err(e) = sent {
+                tcp_err.get_or_insert(e);
+            }
+        });
         if let Some(e) = err {
+            return Err(e.into());
+        }
+        if let Some(e) = tcp_err {
             return Err(e.into());
         }
         for (path, secs) in [
@@ -143,6 +200,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             ("shm 2 procs, pipelined", shm_pipelined),
             ("shm 2 procs, one at a time", shm_sequential),
             ("shm 1 thread (ShmConnector)", shm_local),
+            ("tcp loopback, one at a time", tcp_sequential),
         ] {
             rows.push(Row {
                 size,
@@ -153,6 +211,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
     }
     drop(tx);
+    tcp_w.shutdown();
+    let _ = tcp_thread.join();
     let status = child.wait()?;
     if !status.success() {
         return Err(format!("consumer process failed: {status}").into());
@@ -162,7 +222,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "{:<7} {:<29} {:>12} {:>14} {:>10}",
         "size", "path", "MiB/s", "µs/transfer", "÷ memcpy"
     );
-    for chunk in rows.chunks(8) {
+    for chunk in rows.chunks(9) {
         let memcpy = chunk[0].secs;
         for r in chunk {
             let mibs = r.bytes as f64 / (1 << 20) as f64 / r.secs;
