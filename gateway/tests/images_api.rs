@@ -130,7 +130,8 @@ async fn chat_completions_return_images_as_content_parts() {
     let server = common::start(DEFAULT_TOML).await;
     let chat = |modalities: Value, stream: bool| {
         json!({"messages": [{"role": "user", "content": "draw a cat"}], "modalities": modalities,
-               "max_tokens": 4, "stream": stream, "image": {"size": "32x32", "seed": 1, "steps": 3}})
+               "max_tokens": 4, "temperature": 0, "stream": stream,
+               "image": {"size": "32x32", "seed": 1, "steps": 3}})
     };
     let (status, body) = server
         .post("/v1/chat/completions", chat(json!(["image"]), false))
