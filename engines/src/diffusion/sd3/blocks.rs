@@ -449,6 +449,7 @@ mod tests {
                 .to_scalar::<f32>()
                 .unwrap()
         };
-        assert!(diff(&ca, &cb) < 1e-6 && diff(&xa, &xb) < 1e-6);
+        // Unseeded inputs: allow summation-order rounding with margin.
+        assert!(diff(&ca, &cb) < 1e-5 && diff(&xa, &xb) < 1e-5);
     }
 }

@@ -331,7 +331,7 @@ mod tests {
             let scale = max_diff(&ours[i], &ours[i].zeros_like().unwrap()).max(1.0);
             let d = max_diff(&ours[i], &theirs[i]);
             // candle-transformers scales q before q·kᵀ, we scale the scores: f32 rounding only.
-            assert!(d < 1e-5 * scale, "state {i}: {d} (scale {scale})");
+            assert!(d < 5e-5 * scale, "state {i}: {d} (scale {scale})");
         }
     }
 
@@ -358,6 +358,10 @@ mod tests {
         let ours = ours.hidden_states(&pixels, &[2]).unwrap();
         let ours = post.forward(&ours[0]).unwrap();
         assert_eq!(ours.dims(), &[2, 16, 16]);
-        assert!(max_diff(&ours, &theirs) < 1e-5);
+        let scale = max_diff(&ours, &ours.zeros_like().unwrap()).max(1.0);
+        let d = max_diff(&ours, &theirs);
+        // Unseeded random weights: the same f32 rounding bound as the CLIP test, relative to
+        // the largest activation (an absolute 1e-5 failed once in CI on a large draw).
+        assert!(d < 5e-5 * scale, "{d} (scale {scale})");
     }
 }
