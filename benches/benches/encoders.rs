@@ -36,6 +36,7 @@ fn input(media: MediaInput) -> StageInput {
             image: None,
             audio: None,
             media: vec![media],
+            route: Default::default(),
         }),
         upstream: Vec::new(),
         client_facing: false,

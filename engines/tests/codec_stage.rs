@@ -30,6 +30,7 @@ fn input(first: Vec<Payload>, streaming: bool, seed: u64) -> StageInput {
                 voice: "default".into(),
                 seed,
             }),
+            route: Default::default(),
         }),
         upstream: first,
         client_facing: true,

@@ -57,6 +57,7 @@ fn request(id: u64, prompt: &str, image: ImageParams) -> Arc<JobRequest> {
         image: Some(image),
         media: Vec::new(),
         audio: None,
+        route: Default::default(),
     })
 }
 

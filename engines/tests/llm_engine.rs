@@ -34,6 +34,7 @@ fn input(prompt: &str, sampling: SamplingParams) -> StageInput {
         image: None,
         media: Vec::new(),
         audio: None,
+        route: Default::default(),
     };
     StageInput {
         request: Arc::new(request),

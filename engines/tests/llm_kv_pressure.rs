@@ -43,6 +43,7 @@ fn input(tokens: &[u32], max_tokens: usize) -> StageInput {
         image: None,
         media: Vec::new(),
         audio: None,
+        route: Default::default(),
     };
     StageInput {
         request: Arc::new(request),

@@ -32,6 +32,7 @@ fn input(media: Vec<MediaInput>) -> StageInput {
             image: None,
             audio: None,
             media,
+            route: Default::default(),
         }),
         upstream: Vec::new(),
         client_facing: false,

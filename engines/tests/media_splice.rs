@@ -82,6 +82,7 @@ fn input(tokens: Vec<u32>, media: Vec<MediaInput>, upstream: Vec<MediaEmbedding>
         image: None,
         audio: None,
         media,
+        route: Default::default(),
     };
     let upstream = if upstream.is_empty() {
         Vec::new()

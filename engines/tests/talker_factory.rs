@@ -113,6 +113,7 @@ fn a_talker_with_a_hidden_edge_builds_and_speaks() {
             voice: "default".into(),
             seed: 3,
         }),
+        route: Default::default(),
     };
     let input = StageInput {
         request: Arc::new(request),

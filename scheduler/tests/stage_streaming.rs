@@ -140,6 +140,7 @@ fn streamed_input(first: &[u32]) -> StageInput {
             image: None,
             media: Vec::new(),
             audio: None,
+            route: Default::default(),
         }),
         upstream: vec![Payload::Tokens(first.to_vec().into())],
         client_facing: false,

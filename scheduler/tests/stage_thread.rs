@@ -226,6 +226,7 @@ fn input(prompt_len: usize, max_tokens: usize) -> StageInput {
             image: None,
             media: Vec::new(),
             audio: None,
+            route: Default::default(),
         }),
         upstream: Vec::new(),
         client_facing: true,

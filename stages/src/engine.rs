@@ -82,6 +82,10 @@ pub struct EngineStats {
     pub media_encoded_total: u64,
     pub encoder_cache_queries_total: u64,
     pub encoder_cache_hits_total: u64,
+    /// Stack boundaries a Mixture-of-Thoughts primary reached in its prompt passes, and the
+    /// microseconds it waited there, summed, for its peers' states to arrive.
+    pub mot_boundaries_total: u64,
+    pub mot_boundary_wait_us_total: u64,
 }
 
 /// A batched engine driven by a stage scheduler on the stage's own OS thread.

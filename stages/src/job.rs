@@ -211,6 +211,18 @@ pub struct JobRequest {
     /// Images and audio clips of the prompt, in order of appearance (media encoder stages
     /// encode them; an LLM splices their embeddings in place of placeholder tokens).
     pub media: Vec<MediaInput>,
+    /// What a router stage reads besides the prompt.
+    pub route: RouteRequest,
+}
+
+/// The request's say in routing: the client's `model` name (rule-form routers match it) and how
+/// many experts to run.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RouteRequest {
+    /// The `model` field of the HTTP request, as the client wrote it.
+    pub model: Option<String>,
+    /// How many experts a router selects (`None`: the router's `k`).
+    pub k: Option<usize>,
 }
 
 /// What a stage receives for one job: the request plus whatever its inbound edges delivered.

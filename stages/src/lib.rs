@@ -12,14 +12,16 @@ pub mod engine;
 pub mod job;
 pub mod media;
 pub mod payload;
+pub mod route;
 
 pub use engine::{EngineError, EngineStats, StageEngine, StageEvent, StepWork};
 pub use job::{
     AudioParams, ChatMessage, ContentPart, FinishReason, ImageParams, JobId, JobRequest,
-    MessageContent, Modality, Prompt, SamplingParams, StageInput, Usage,
+    MessageContent, Modality, Prompt, RouteRequest, SamplingParams, StageInput, Usage,
 };
 pub use media::{MediaData, MediaDigest, MediaInput};
 pub use payload::{
     CodecFrames, Conditioning, HiddenStates, Latents, MediaEmbedding, Payload, PayloadKind,
     PcmAudio, RgbImages, TextEmbedding,
 };
+pub use route::{MotStates, RouteDecision};

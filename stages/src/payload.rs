@@ -3,6 +3,7 @@
 //! Every payload is cheap to clone: bulk data sits behind an `Arc`, so an in-process handover moves a
 //! pointer, never the bytes.
 
+use crate::route::{MotStates, RouteDecision};
 use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::sync::Arc;
@@ -30,10 +31,14 @@ pub enum PayloadKind {
     Codes,
     /// PCM audio samples.
     Pcm,
+    /// A router's decision: which experts run and which is primary.
+    Route,
+    /// A Mixture-of-Thoughts peer's projected hidden states at one stack boundary.
+    MotStates,
 }
 
 impl PayloadKind {
-    pub const ALL: [PayloadKind; 9] = [
+    pub const ALL: [PayloadKind; 11] = [
         PayloadKind::Text,
         PayloadKind::Tokens,
         PayloadKind::Hidden,
@@ -43,6 +48,8 @@ impl PayloadKind {
         PayloadKind::Image,
         PayloadKind::Codes,
         PayloadKind::Pcm,
+        PayloadKind::Route,
+        PayloadKind::MotStates,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -56,6 +63,8 @@ impl PayloadKind {
             PayloadKind::Image => "image",
             PayloadKind::Codes => "codes",
             PayloadKind::Pcm => "pcm",
+            PayloadKind::Route => "route",
+            PayloadKind::MotStates => "mot_states",
         }
     }
 }
@@ -204,6 +213,8 @@ pub enum Payload {
     Image(RgbImages),
     Codes(CodecFrames),
     Pcm(PcmAudio),
+    Route(Arc<RouteDecision>),
+    MotStates(MotStates),
 }
 
 impl Payload {
@@ -218,6 +229,8 @@ impl Payload {
             Payload::Image(_) => PayloadKind::Image,
             Payload::Codes(_) => PayloadKind::Codes,
             Payload::Pcm(_) => PayloadKind::Pcm,
+            Payload::Route(_) => PayloadKind::Route,
+            Payload::MotStates(_) => PayloadKind::MotStates,
         }
     }
 
@@ -234,6 +247,8 @@ impl Payload {
             Payload::Image(i) => i.n,
             Payload::Codes(c) => c.frames,
             Payload::Pcm(p) => p.samples.len(),
+            Payload::Route(_) => 1,
+            Payload::MotStates(m) => m.states.rows,
         }
     }
 
@@ -252,6 +267,8 @@ impl Payload {
             Payload::Image(i) => i.pixels.len(),
             Payload::Codes(c) => c.codes.len() * 4,
             Payload::Pcm(p) => p.samples.len() * 4,
+            Payload::Route(r) => r.selected.iter().map(String::len).sum(),
+            Payload::MotStates(m) => m.states.data.len() * 4,
         }
     }
 
@@ -381,7 +398,8 @@ impl Payload {
                 items.sort_by_key(|e| e.media);
                 Payload::MediaEmbeddings(items.into())
             }
-            PayloadKind::Embeddings => return None,
+            // One per job (a route) or one per stack boundary (MoT states): never joined.
+            PayloadKind::Embeddings | PayloadKind::Route | PayloadKind::MotStates => return None,
         })
     }
 }

@@ -158,7 +158,7 @@ fn kind_defaults_for_outputs_and_name_from_file() {
     );
     assert_eq!(
         StageKind::Router.default_outputs(),
-        PayloadKind::ALL.to_vec()
+        vec![PayloadKind::Route]
     );
 }
 

@@ -10,7 +10,7 @@ use crate::wire;
 use omnistage_stages::{
     AudioParams, ChatMessage, ContentPart, EngineError, EngineStats, FinishReason, ImageParams,
     JobId, JobRequest, MediaData, MediaDigest, MediaInput, MessageContent, Modality, Payload,
-    Prompt, SamplingParams, StageEvent, StageInput, Usage,
+    Prompt, RouteRequest, SamplingParams, StageEvent, StageInput, Usage,
 };
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -293,6 +293,10 @@ impl<'a> Reader<'a> {
             })
         })?;
         let media = self.list(MIN_MEDIA, Self::media)?;
+        let route = RouteRequest {
+            model: self.opt(Self::string)?,
+            k: self.opt(Self::usize)?,
+        };
         Ok(JobRequest {
             id,
             prompt,
@@ -302,6 +306,7 @@ impl<'a> Reader<'a> {
             image,
             audio,
             media,
+            route,
         })
     }
 
@@ -395,6 +400,8 @@ impl<'a> Reader<'a> {
                 media_encoded_total: self.u64()?,
                 encoder_cache_queries_total: self.u64()?,
                 encoder_cache_hits_total: self.u64()?,
+                mot_boundaries_total: self.u64()?,
+                mot_boundary_wait_us_total: self.u64()?,
             },
         })
     }

@@ -255,7 +255,10 @@ impl Writer {
             w.u64(a.seed);
         });
         self.usize(r.media.len());
-        r.media.iter().try_for_each(|m| self.media(m))
+        r.media.iter().try_for_each(|m| self.media(m))?;
+        self.opt(r.route.model.as_deref(), Self::str);
+        self.opt(r.route.k, Self::usize);
+        Ok(())
     }
 
     fn prompt(&mut self, p: &Prompt) {
@@ -367,6 +370,8 @@ impl Writer {
             e.media_encoded_total,
             e.encoder_cache_queries_total,
             e.encoder_cache_hits_total,
+            e.mot_boundaries_total,
+            e.mot_boundary_wait_us_total,
         ] {
             self.u64(v);
         }

@@ -52,8 +52,8 @@ pub use encode::{encode_from_worker, encode_to_worker};
 
 /// First four bytes of every control message.
 pub const MAGIC: [u8; 4] = *b"OSRM";
-/// The control format version this build writes and reads.
-pub const VERSION: u16 = 1;
+/// The control format version this build writes and reads (2: requests carry routing fields).
+pub const VERSION: u16 = 2;
 /// Size of the fixed header in bytes.
 pub const HEADER_LEN: usize = 8;
 /// Header direction byte of a [`ToWorker`] message.

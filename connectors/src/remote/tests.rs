@@ -5,7 +5,8 @@ use crate::wire;
 use omnistage_stages::payload::{CodecFrames, HiddenStates, PcmAudio, RgbImages};
 use omnistage_stages::{
     AudioParams, ChatMessage, ContentPart, EngineError, FinishReason, ImageParams, JobRequest,
-    MediaData, MediaDigest, MediaInput, MessageContent, Modality, Prompt, SamplingParams, Usage,
+    MediaData, MediaDigest, MediaInput, MessageContent, Modality, Prompt, RouteRequest,
+    SamplingParams, Usage,
 };
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
@@ -85,6 +86,7 @@ fn request(id: u64, prompt: Prompt) -> JobRequest {
         image: None,
         audio: None,
         media: Vec::new(),
+        route: Default::default(),
     }
 }
 
@@ -116,6 +118,10 @@ fn chat_request() -> JobRequest {
             seed: 7,
         }),
         media: vec![image, audio, odd],
+        route: RouteRequest {
+            model: Some("tiny-mot".into()),
+            k: Some(2),
+        },
         ..request(
             17,
             Prompt::Chat(vec![
@@ -250,6 +256,8 @@ fn engine_stats() -> EngineStats {
         media_encoded_total: 14,
         encoder_cache_queries_total: 15,
         encoder_cache_hits_total: u64::MAX,
+        mot_boundaries_total: 16,
+        mot_boundary_wait_us_total: 17,
     }
 }
 
@@ -330,6 +338,7 @@ fn assert_request_eq(a: &JobRequest, b: &JobRequest) {
     assert_eq!(a.image, b.image);
     assert_eq!(a.audio, b.audio);
     assert_eq!(a.media, b.media);
+    assert_eq!(a.route, b.route);
     // Rebuilt from the milliseconds left: never later, and within a generous second.
     let (early, late) = (a.deadline.min(b.deadline), a.deadline.max(b.deadline));
     assert!(late - early < Duration::from_secs(1), "{a:?} vs {b:?}");
@@ -527,8 +536,9 @@ fn inconsistent_media_and_payloads_are_refused() {
     // then patch its `n` (first shape field of the wire image body) to 2 and its pixel count.
     req.media[0] = MediaInput::image(vec![0; 6], 2, 1).unwrap();
     let mut bytes = encode_to_worker(&submit(req.clone())).unwrap();
-    // The item is followed by the upstream count and two flags (10 bytes).
-    let wire_at = bytes.len() - 10 - (wire::HEADER_LEN + 32 + 6);
+    // The item is followed by the two absent route fields (2 bytes), the upstream count and two
+    // flags (10 bytes).
+    let wire_at = bytes.len() - 12 - (wire::HEADER_LEN + 32 + 6);
     bytes[wire_at + wire::HEADER_LEN..][..8].copy_from_slice(&2u64.to_le_bytes());
     bytes[wire_at + wire::HEADER_LEN + 16..][..8].copy_from_slice(&1u64.to_le_bytes());
     assert!(matches!(

@@ -19,6 +19,9 @@
 //! - image: `n, height, width, len` (`len == n × h × w × 3`), `u8 × len`
 //! - codes: `frames, codes_per_frame, n` (`n == frames × codes_per_frame`), `u32 × n`
 //! - pcm: `sample_rate u32, n`, `f32 × n`
+//! - route: `selected` (a string list), then `count` and per score a string and an `f32`, then
+//!   `reason` (a string); a string is `len`, UTF-8 bytes
+//! - mot_states: `stack, expert`, a hidden block
 //!
 //! Decoding validates every length, shape, the UTF-8 of text, the kind and the header, and returns
 //! a [`WireError`]; it never panics and never allocates more than the buffer could hold.
@@ -27,7 +30,7 @@ use omnistage_stages::payload::{
     CodecFrames, Conditioning, HiddenStates, Latents, MediaEmbedding, PcmAudio, RgbImages,
     TextEmbedding,
 };
-use omnistage_stages::{Payload, PayloadKind};
+use omnistage_stages::{MotStates, Payload, PayloadKind, RouteDecision};
 use std::sync::Arc;
 
 /// First four bytes of every encoded payload.
@@ -81,6 +84,8 @@ fn tag(kind: PayloadKind) -> u8 {
         PayloadKind::Image => 7,
         PayloadKind::Codes => 8,
         PayloadKind::Pcm => 9,
+        PayloadKind::Route => 10,
+        PayloadKind::MotStates => 11,
     }
 }
 
@@ -138,6 +143,14 @@ pub fn encoded_len(payload: &Payload) -> usize {
             Payload::Image(i) => 32 + i.pixels.len(),
             Payload::Codes(c) => 24 + c.codes.len() * 4,
             Payload::Pcm(p) => 12 + p.samples.len() * 4,
+            Payload::Route(r) => {
+                8 + r.selected.iter().map(|s| 8 + s.len()).sum::<usize>()
+                    + 8
+                    + r.scores.iter().map(|(s, _)| 12 + s.len()).sum::<usize>()
+                    + 8
+                    + r.reason.len()
+            }
+            Payload::MotStates(m) => 16 + hidden_len(&m.states),
         }
 }
 
@@ -223,6 +236,21 @@ pub fn encode_into(payload: &Payload, out: &mut [u8]) -> Result<usize, WireError
             w.u64(p.samples.len() as u64);
             w.f32s(&p.samples);
         }
+        Payload::Route(r) => {
+            w.u64(r.selected.len() as u64);
+            r.selected.iter().for_each(|s| w.str(s));
+            w.u64(r.scores.len() as u64);
+            for (s, score) in &r.scores {
+                w.str(s);
+                w.f32s(&[*score]);
+            }
+            w.str(&r.reason);
+        }
+        Payload::MotStates(m) => {
+            w.u64(m.stack as u64);
+            w.u64(m.expert as u64);
+            w.hidden(PayloadKind::MotStates, &m.states)?;
+        }
     }
     debug_assert_eq!(w.pos, needed);
     Ok(needed)
@@ -250,6 +278,11 @@ impl Writer<'_> {
             d.copy_from_slice(&s.to_le_bytes());
         }
         self.pos += v.len() * 4;
+    }
+
+    fn str(&mut self, s: &str) {
+        self.u64(s.len() as u64);
+        self.bytes(s.as_bytes());
     }
 
     fn u32s(&mut self, v: &[u32]) {
@@ -389,6 +422,32 @@ pub fn decode(buf: &[u8]) -> Result<Payload, WireError> {
                 sample_rate,
             })
         }
+        PayloadKind::Route => {
+            // Every string takes at least its 8-byte length; every score 12 bytes.
+            let n = r.count(8)?;
+            let selected = (0..n).map(|_| r.string()).collect::<Result<_, _>>()?;
+            let n = r.count(12)?;
+            let mut scores = Vec::with_capacity(n);
+            for _ in 0..n {
+                let name = r.string()?;
+                let b = r.take(4)?;
+                scores.push((name, f32::from_le_bytes([b[0], b[1], b[2], b[3]])));
+            }
+            let reason = r.string()?;
+            Payload::Route(Arc::new(RouteDecision {
+                selected,
+                scores,
+                reason,
+            }))
+        }
+        PayloadKind::MotStates => {
+            let (stack, expert) = (r.usize()?, r.usize()?);
+            Payload::MotStates(MotStates {
+                stack,
+                expert,
+                states: r.hidden(kind)?,
+            })
+        }
     };
     let left = body.len() - r.pos;
     if left != 0 {
@@ -426,6 +485,14 @@ impl<'a> Reader<'a> {
         let mut a = [0u8; 8];
         a.copy_from_slice(b);
         Ok(u64::from_le_bytes(a))
+    }
+
+    fn string(&mut self) -> Result<String, WireError> {
+        let n = self.count(1)?;
+        let bytes = self.take(n)?;
+        std::str::from_utf8(bytes)
+            .map(str::to_string)
+            .map_err(|_| WireError::InvalidUtf8)
     }
 
     fn usize(&mut self) -> Result<usize, WireError> {

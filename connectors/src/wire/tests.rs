@@ -57,6 +57,25 @@ pub(crate) fn samples() -> Vec<Payload> {
             samples: vec![0.0, -1.0, 1.0, f32::MIN_POSITIVE, -0.0].into(),
             sample_rate: 24_000,
         }),
+        Payload::Route(Arc::new(RouteDecision {
+            selected: vec!["math".into(), "códe".into()],
+            scores: vec![
+                ("math".into(), 0.7),
+                ("códe".into(), 0.2),
+                ("chat".into(), 0.1),
+            ],
+            reason: "model".into(),
+        })),
+        Payload::Route(Arc::new(RouteDecision {
+            selected: vec!["vision".into()],
+            scores: Vec::new(),
+            reason: "input:image -> vision".into(),
+        })),
+        Payload::MotStates(MotStates {
+            stack: 2,
+            expert: 1,
+            states: HiddenStates::new(f(24, -0.5), 8),
+        }),
     ]
 }
 

@@ -77,6 +77,7 @@ pub fn request(prompt: Prompt, voice: Option<&str>, seed: u64) -> Arc<JobRequest
             voice: v.to_string(),
             seed,
         }),
+        route: Default::default(),
     })
 }
 

@@ -25,6 +25,7 @@ fn input(prompt_len: usize) -> StageInput {
             image: None,
             media: Vec::new(),
             audio: None,
+            route: Default::default(),
         }),
         upstream: Vec::new(),
         client_facing: true,

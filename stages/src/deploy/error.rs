@@ -199,10 +199,12 @@ pub enum DeployError {
     },
     /// A stage's model directory has no config.json (nor, for a diffusers pipeline folder,
     /// model_index.json).
-    #[error("{file}: stage `{stage}`, field `model`: model directory `{path}` has no config.json (or model_index.json for a diffusers pipeline folder)")]
+    #[error("{file}: stage `{stage}`, field `model`: model directory `{path}` has no {expected}")]
     ModelNoConfig {
         file: String,
         stage: String,
         path: String,
+        /// The file(s) a model folder of this stage holds.
+        expected: String,
     },
 }

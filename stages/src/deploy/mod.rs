@@ -22,6 +22,7 @@ mod image;
 mod media;
 mod raw;
 mod render;
+mod router;
 mod talker;
 mod validate;
 
@@ -29,6 +30,9 @@ pub use cluster::{ClusterSettings, SecretError, SECRET_ENV};
 pub use error::{DeployError, Site};
 pub use image::{ImageSettings, IMAGE_SIDE_MULTIPLE};
 pub use media::{EncoderSettings, MediaLimits};
+pub use router::{
+    router_experts, MotSettings, RouteRule, RouterForm, RouterSettings, RuleCondition,
+};
 pub use talker::{TalkerSettings, DEFAULT_VOICE};
 
 use crate::job::{Modality, SamplingParams};
@@ -117,6 +121,10 @@ pub struct StageSpec {
     /// The stage's replicas are `omnistage worker --listen` processes started elsewhere (other
     /// hosts, Kubernetes pods), found through `[cluster]` etcd; `replicas` is then ignored.
     pub remote: bool,
+    /// Which experts a router stage chooses among, and how (`[stage.router]`; routers only).
+    pub router: Option<RouterSettings>,
+    /// This llm stage is an expert of a Mixture-of-Thoughts checkpoint (`[stage.mot]`).
+    pub mot: Option<MotSettings>,
 }
 
 /// Streaming settings of an edge.
@@ -191,7 +199,7 @@ impl StageKind {
             StageKind::Vae => &[Image],
             StageKind::Codec => &[Pcm],
             StageKind::Encoder => &[Embeddings, Hidden, MediaEmbeddings],
-            StageKind::Router => &PayloadKind::ALL,
+            StageKind::Router => &[Route],
         }
     }
 
@@ -199,12 +207,13 @@ impl StageKind {
     pub fn accepts(self) -> &'static [PayloadKind] {
         use PayloadKind::*;
         match self {
-            StageKind::Llm => &[Text, Tokens, Hidden, Embeddings, MediaEmbeddings],
+            StageKind::Llm => &[Text, Tokens, Hidden, Embeddings, MediaEmbeddings, Route],
             StageKind::Dit => &[Embeddings, Hidden, Text],
             StageKind::Vae => &[Latents],
             StageKind::Codec => &[Codes],
             StageKind::Encoder => &[Text, Image, Pcm],
-            StageKind::Router => &PayloadKind::ALL,
+            // A router reads the request itself: it is an entry stage.
+            StageKind::Router => &[],
         }
     }
 
@@ -364,6 +373,9 @@ impl DeployGraph {
     pub fn check_models(&self) -> Result<(), DeployError> {
         let file = self.source.display().to_string();
         for s in &self.stages {
+            if s.kind == StageKind::Router && s.model.as_os_str().is_empty() {
+                continue; // a rule-form router has no model
+            }
             let path = s.model.display().to_string();
             // A `dit` stage may name a single SD3/FLUX checkpoint file; its config is inferred
             // from the tensors when the engine loads, so the file itself is all there is to check.
@@ -388,16 +400,56 @@ impl DeployGraph {
                     path,
                 });
             }
+            let (config, expected) = if s.mot.is_some() {
+                (
+                    "mot_config.json",
+                    "mot_config.json (a Mixture-of-Thoughts checkpoint folder)",
+                )
+            } else if s.kind == StageKind::Router {
+                (
+                    "router_config.json",
+                    "router_config.json (a router checkpoint folder)",
+                )
+            } else {
+                (
+                    "config.json",
+                    "config.json (or model_index.json for a diffusers pipeline folder)",
+                )
+            };
             let pipeline = s.kind != StageKind::Llm && s.model.join("model_index.json").is_file();
-            if !s.model.join("config.json").is_file() && !pipeline {
+            if !s.model.join(config).is_file() && !pipeline {
                 return Err(DeployError::ModelNoConfig {
                     file,
                     stage: s.id.clone(),
                     path,
+                    expected: expected.to_string(),
                 });
             }
         }
         Ok(())
+    }
+
+    /// Model names that rule-form routers match (`model:NAME` rules): a client may ask for them
+    /// in a request's `model` field.
+    pub fn routed_model_names(&self) -> Vec<&str> {
+        self.stages
+            .iter()
+            .filter_map(|s| s.router.as_ref())
+            .filter_map(|r| match &r.form {
+                RouterForm::Rules { rules, .. } => Some(rules),
+                RouterForm::Model => None,
+            })
+            .flatten()
+            .filter_map(|rule| match &rule.when {
+                RuleCondition::Model(name) => Some(name.as_str()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Whether a stage of the graph is a router.
+    pub fn has_router(&self) -> bool {
+        self.stages.iter().any(|s| s.kind == StageKind::Router)
     }
 
     /// The stage with this id.

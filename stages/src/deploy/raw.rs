@@ -38,6 +38,8 @@ pub(super) const STAGE_FIELDS: &[(&str, FieldTy)] = &[
     ("encoder", FieldTy::Table),
     ("process", FieldTy::Bool),
     ("remote", FieldTy::Bool),
+    ("router", FieldTy::Table),
+    ("mot", FieldTy::Table),
 ];
 
 /// The keys of a `[stage.sampling]` table and their types.
@@ -92,6 +94,8 @@ pub(super) struct RawStage {
     encoder: Option<Map<String, Value>>,
     process: Option<bool>,
     remote: Option<bool>,
+    router: Option<Map<String, Value>>,
+    mot: Option<Map<String, Value>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -259,8 +263,16 @@ fn stage(n: usize, value: &Value, file: &str, base_dir: &Path) -> Result<StageSp
         &site,
         "kind",
     )?;
-    let model = required(r.model, file, &site, "model")?;
-    if model.trim().is_empty() {
+    // A rule-form router has no model; every other stage needs one.
+    let rule_router = kind == StageKind::Router
+        && r.router
+            .as_ref()
+            .is_some_and(|m| m.contains_key("rules") || m.contains_key("default"));
+    let model = match r.model {
+        None if rule_router => String::new(),
+        model => required(model, file, &site, "model")?,
+    };
+    if model.trim().is_empty() && !rule_router {
         return Err(bad(
             file,
             &site,
@@ -268,7 +280,7 @@ fn stage(n: usize, value: &Value, file: &str, base_dir: &Path) -> Result<StageSp
             "the model path must not be empty",
         ));
     }
-    let model = if Path::new(&model).is_absolute() {
+    let model = if model.is_empty() || Path::new(&model).is_absolute() {
         model.into()
     } else {
         base_dir.join(model)
@@ -369,6 +381,34 @@ fn stage(n: usize, value: &Value, file: &str, base_dir: &Path) -> Result<StageSp
             return Err(bad(file, &site, "outputs", &message));
         }
     }
+    let router = match r.router {
+        Some(m) if kind == StageKind::Router => {
+            Some(super::router::parse_router(&m, !rule_router, file, &site)?)
+        }
+        Some(_) => {
+            return Err(bad(
+                file,
+                &site,
+                "router",
+                &format!("only router stages take a [stage.router] table; this stage is {kind}"),
+            ))
+        }
+        None => None,
+    };
+    let mot = match r.mot {
+        Some(m) if kind == StageKind::Llm && talker.is_none() => {
+            Some(super::router::parse_mot(&m, file, &site)?)
+        }
+        Some(_) => {
+            return Err(bad(
+                file,
+                &site,
+                "mot",
+                "only text llm stages (no [stage.talker]) are Mixture-of-Thoughts experts",
+            ))
+        }
+        None => None,
+    };
     if talker.is_some() && !outputs_given {
         // A talker writes codec tokens: their ids, and the frames they make.
         outputs = vec![PayloadKind::Tokens, PayloadKind::Codes];
@@ -433,6 +473,8 @@ fn stage(n: usize, value: &Value, file: &str, base_dir: &Path) -> Result<StageSp
         encoder,
         process: r.process.unwrap_or(false),
         remote: r.remote.unwrap_or(false),
+        router,
+        mot,
         id,
     })
 }

@@ -81,6 +81,29 @@ pub(super) fn text(g: &DeployGraph) -> String {
             }
             _ => {}
         }
+        if let Some(r) = &s.router {
+            let how = match &r.form {
+                super::RouterForm::Model => "scored by the model".to_string(),
+                super::RouterForm::Rules { rules, default } => {
+                    let rules: Vec<String> = rules.iter().map(|r| r.text()).collect();
+                    format!("rules [{}], default {default}", rules.join("; "))
+                }
+            };
+            let _ = writeln!(
+                out,
+                "    routes:   top-{} of [{}], {how}",
+                r.k,
+                r.experts.join(", ")
+            );
+        }
+        if let Some(m) = &s.mot {
+            let _ = writeln!(
+                out,
+                "    mot:      expert `{}` of this Mixture-of-Thoughts checkpoint; collaborates \
+                 with the other experts its router selects",
+                m.expert
+            );
+        }
         if let Some(t) = &s.talker {
             let _ = writeln!(
                 out,
@@ -116,7 +139,18 @@ pub(super) fn text(g: &DeployGraph) -> String {
     }
     let _ = writeln!(out, "outputs:");
     for (m, id) in &g.outputs {
-        let _ = writeln!(out, "  {m} <- {id}");
+        match g.stage(id).and_then(|s| s.router.as_ref()) {
+            Some(r) => {
+                let _ = writeln!(
+                    out,
+                    "  {m} <- the primary expert `{id}` selects ({})",
+                    r.experts.join(" | ")
+                );
+            }
+            None => {
+                let _ = writeln!(out, "  {m} <- {id}");
+            }
+        }
     }
     let inputs: Vec<String> = [Modality::Image, Modality::Audio]
         .into_iter()

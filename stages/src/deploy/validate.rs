@@ -3,7 +3,10 @@
 //! and no dead stages.
 
 use super::fields::bad;
-use super::{join, modality_payload, ConnectorKind, DeployError, DeployGraph, EdgeSpec, Site};
+use super::{
+    join, modality_payload, router_experts, ConnectorKind, DeployError, DeployGraph, EdgeSpec,
+    Site, StageKind,
+};
 use std::collections::HashMap;
 
 /// Runs every structural check; returns the first problem found.
@@ -110,7 +113,8 @@ pub(super) fn check(g: &DeployGraph, file: &str) -> Result<(), DeployError> {
         };
         let s = &g.stages[i];
         let needs = modality_payload(*m);
-        if !s.outputs.contains(&needs) {
+        // A router's output is its primary expert's: checked with the routers below.
+        if s.kind != StageKind::Router && !s.outputs.contains(&needs) {
             return Err(DeployError::OutputNotProduced {
                 file: file_s(),
                 modality: *m,
@@ -121,9 +125,17 @@ pub(super) fn check(g: &DeployGraph, file: &str) -> Result<(), DeployError> {
         }
     }
 
-    // Walk edges backwards from the output stages; whatever is not reached is dead.
+    super::router::check(g, file)?;
+    // Walk edges backwards from the output stages (a router stands for its experts too);
+    // whatever is not reached is dead.
     let mut live = vec![false; g.stages.len()];
     let mut stack: Vec<usize> = g.outputs.iter().map(|(_, id)| index[id.as_str()]).collect();
+    let experts: Vec<usize> = stack
+        .iter()
+        .flat_map(|&i| router_experts(&g.stages[i]))
+        .filter_map(|e| index.get(e.as_str()).copied())
+        .collect();
+    stack.extend(experts);
     while let Some(i) = stack.pop() {
         if std::mem::replace(&mut live[i], true) {
             continue;
