@@ -14,4 +14,5 @@ pub mod kernels;
 pub mod llm;
 pub mod media;
 pub mod mot;
+pub mod router;
 pub mod tiny;

@@ -13,6 +13,7 @@ mod image;
 mod llm;
 mod mimi;
 mod mot;
+mod router;
 mod sd3;
 mod snac;
 mod talker;
@@ -28,7 +29,10 @@ pub use llm::{write_tiny_llm, TinyFamily, TinyLlmSpec, TINY_CHAT_TEMPLATE};
 pub use mimi::{write_tiny_mimi, TinyMimiLayout, TinyMimiSpec};
 pub use mot::{
     tiny_mot_expert_specs, write_mot, TINY_MOT_ALPHA, TINY_MOT_EXPERTS, TINY_MOT_HEADS,
-    TINY_MOT_SHARED_DIM, TINY_MOT_STACKS,
+    TINY_MOT_ROUTER_DIR, TINY_MOT_SHARED_DIM, TINY_MOT_STACKS,
+};
+pub use router::{
+    write_tiny_router, TINY_ROUTER_HIDDEN, TINY_ROUTER_MAX_LENGTH, TINY_ROUTER_MLP_HIDDEN,
 };
 pub use sd3::{write_tiny_sd3_transformer, TinySd3Spec};
 pub use snac::{write_tiny_snac, TinySnacSpec};
