@@ -3,6 +3,8 @@
 pub mod audio;
 mod image;
 mod media;
+mod mot;
+mod router;
 mod talker;
 
 use crate::llm::engine::{LlmEngine, LlmEngineSettings};
@@ -20,8 +22,6 @@ pub enum BuildError {
     },
     #[error("stage `{stage}`: {message}")]
     Load { stage: String, message: String },
-    #[error("stage `{stage}`: stage kind `{kind}` has no engine in this build yet; `llm`, `encoder`, `dit` and `vae` stages can run")]
-    UnsupportedKind { stage: String, kind: String },
 }
 
 /// The candle device for a stage's device setting.
@@ -63,11 +63,13 @@ pub struct StageWiring {
 }
 
 /// Payload kinds an LLM stage can turn into a prompt today (media embeddings are spliced in at
-/// the prompt's placeholders).
-const LLM_PROMPT_INPUTS: [PayloadKind; 3] = [
+/// the prompt's placeholders; a router's decision only starts the stage, which then reads the
+/// request's own prompt).
+const LLM_PROMPT_INPUTS: [PayloadKind; 4] = [
     PayloadKind::Text,
     PayloadKind::Tokens,
     PayloadKind::MediaEmbeddings,
+    PayloadKind::Route,
 ];
 
 /// Loads the engine for one replica of `spec`.
@@ -76,6 +78,8 @@ pub fn build_engine(
     wiring: &StageWiring,
 ) -> Result<Box<dyn StageEngine>, BuildError> {
     match spec.kind {
+        StageKind::Llm if spec.mot.is_some() => mot::build_mot_expert(spec, wiring),
+        StageKind::Router => router::build_router(spec, wiring),
         StageKind::Llm => {
             if let Some(talker) = &spec.talker {
                 return talker::build_talker(spec, talker, wiring);
@@ -118,9 +122,5 @@ pub fn build_engine(
         StageKind::Dit => image::build_dit(spec, wiring),
         StageKind::Vae => image::build_vae(spec, wiring),
         StageKind::Codec => audio::build_codec(spec, wiring),
-        other => Err(BuildError::UnsupportedKind {
-            stage: spec.id.clone(),
-            kind: format!("{other:?}").to_lowercase(),
-        }),
     }
 }

@@ -13,7 +13,7 @@
 //!   "num_stacks": 2,
 //!   "alpha": 1.0,
 //!   "layer_norm_eps": 1e-5,
-//!   "router": null
+//!   "router": "router"
 //! }
 //! ```
 //!
@@ -26,8 +26,9 @@
 //! - `alpha`: scale of the back-projected update added to the primary's residual stream.
 //! - `layer_norm_eps`: epsilon of the per-expert LayerNorm before the projection (default 1e-5,
 //!   PyTorch's `nn.LayerNorm` default).
-//! - `router`: reserved for the router (prompt encoder + MLP), not read here yet. Unknown fields
-//!   are ignored so the router's fields can be added without breaking this parser.
+//! - `router`: the folder of the router that picks experts for this pool (prompt encoder + MLP,
+//!   `crate::router`), relative to this folder; informational here (a deployment's router
+//!   stage names its folder as its `model`). Unknown fields are ignored.
 
 use std::ops::Range;
 use std::path::{Path, PathBuf};

@@ -280,6 +280,146 @@ impl Interaction {
     }
 }
 
+/// The shared cross-attention's keys and values over the active peers' states at one stack,
+/// computed once per prompt ([`Interaction::peer_kv`]) and kept by a staged primary so its
+/// decode steps ([`Interaction::interact_cached`]) never need the peers again.
+#[derive(Debug, Clone)]
+pub struct PeerKv {
+    /// `(K, V)`, each `[heads, peers · rows, d_s / heads]` f32; `None` with no peers.
+    kv: Option<(Tensor, Tensor)>,
+    /// Rows per peer (the primary's prompt length the peers were aligned to).
+    rows: usize,
+}
+
+impl PeerKv {
+    /// Rows per peer (positions `0..rows` of the primary's prompt).
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// How many peers' keys and values are held.
+    pub fn peers(&self) -> usize {
+        match &self.kv {
+            Some((k, _)) => k
+                .dim(1)
+                .map_or(0, |r| r.checked_div(self.rows).unwrap_or(0)),
+            None => 0,
+        }
+    }
+
+    /// Bytes of the kept keys and values.
+    pub fn bytes(&self) -> usize {
+        self.kv.as_ref().map_or(0, |(k, v)| {
+            (k.elem_count() + v.elem_count()) * k.dtype().size_in_bytes()
+        })
+    }
+}
+
+impl Interaction {
+    /// The keys and values of stack `stack`'s cross-attention over `peer_states` (each peer's
+    /// [`Self::project_out`] result), every peer first [`resample_tokens`]-ed to `rows` rows
+    /// (the primary's prompt length). No peers gives an empty [`PeerKv`], for which
+    /// [`Self::interact_cached`] is the identity.
+    pub fn peer_kv(
+        &self,
+        stack: usize,
+        peer_states: &[Tensor],
+        rows: usize,
+    ) -> Result<PeerKv, MotError> {
+        let Some(attn) = self.attn.get(stack) else {
+            return Err(MotError::Input(format!(
+                "no interaction layer at stack {stack} ({} stacks)",
+                self.spec.num_stacks
+            )));
+        };
+        if rows == 0 {
+            return Err(MotError::Input("no primary tokens".into()));
+        }
+        if peer_states.is_empty() {
+            return Ok(PeerKv { kv: None, rows });
+        }
+        let ds = self.spec.shared_dim;
+        let mut aligned = Vec::with_capacity(peer_states.len());
+        for (j, s) in peer_states.iter().enumerate() {
+            let (_, width) = s.dims2()?;
+            if width != ds {
+                return Err(MotError::Input(format!(
+                    "peer state {j} has width {width}, expected {ds}"
+                )));
+            }
+            aligned.push(resample_tokens(s, rows)?);
+        }
+        let peers = Tensor::cat(&aligned, 0)?;
+        let (nh, dh) = (self.spec.num_heads, ds / self.spec.num_heads);
+        let total = peers.dim(0)?;
+        let heads = |x: Tensor| -> candle_core::Result<Tensor> {
+            x.reshape((total, nh, dh))?.transpose(0, 1)?.contiguous()
+        };
+        let k = heads(attn.k_proj.forward(&peers)?)?;
+        let v = heads(attn.v_proj.forward(&peers)?)?;
+        Ok(PeerKv {
+            kv: Some((k, v)),
+            rows,
+        })
+    }
+
+    /// The interaction layer of stack `stack` for the primary's tokens at positions
+    /// `past..past + n` (`primary_hidden` is `[n, d_p]`) against keys and values kept from
+    /// [`Self::peer_kv`]: query position `t` attends the rows `j <= t` of every peer, so a
+    /// prompt position sees the peers' rows up to its own and a generated position (`t >=
+    /// rows`) sees all of them. With no peers the stream is returned unchanged (in f32).
+    pub fn interact_cached(
+        &self,
+        primary: usize,
+        stack: usize,
+        primary_hidden: &Tensor,
+        past: usize,
+        kv: &PeerKv,
+    ) -> Result<Tensor, MotError> {
+        let a = self.adapter(primary, stack)?;
+        let h = primary_hidden.to_dtype(DType::F32)?;
+        let n = h.dim(0)?;
+        if n == 0 {
+            return Err(MotError::Input("no primary tokens".into()));
+        }
+        let Some((kh, vh)) = &kv.kv else {
+            return Ok(h);
+        };
+        let attn = &self.attn[stack];
+        let ds = self.spec.shared_dim;
+        let (nh, dh) = (self.spec.num_heads, ds / self.spec.num_heads);
+        let rows = kv.rows;
+        let total = kh.dim(1)?;
+        if rows == 0 || total % rows != 0 || kh.dims() != [nh, total, dh] {
+            return Err(MotError::Input(format!(
+                "kept peer keys have shape {:?}, expected [{nh}, peers × {rows}, {dh}]",
+                kh.dims()
+            )));
+        }
+        let sp = self.project_out(primary, stack, &h)?;
+        let qh = attn.q_proj.forward(&sp)?;
+        let qh = qh.reshape((n, nh, dh))?.transpose(0, 1)?.contiguous()?;
+        let scale = 1.0 / (dh as f64).sqrt();
+        let scores = (qh.matmul(&kh.t()?)? * scale)?;
+        let mask: Vec<f32> = (0..n)
+            .flat_map(|i| {
+                (0..total).map(move |c| {
+                    if c % rows > past + i {
+                        f32::NEG_INFINITY
+                    } else {
+                        0.0
+                    }
+                })
+            })
+            .collect();
+        let mask = Tensor::from_vec(mask, (n, total), &self.device)?;
+        let probs = candle_nn::ops::softmax_last_dim(&scores.broadcast_add(&mask)?)?;
+        let ctx = probs.matmul(vh)?.transpose(0, 1)?.reshape((n, ds))?;
+        let update = a.out_proj.forward(&attn.o_proj.forward(&ctx)?)?;
+        Ok((h + (update * self.spec.alpha)?)?)
+    }
+}
+
 /// Resamples `states` (`[s, d]`) to `target` rows along the token axis by linear interpolation
 /// with the end points aligned: output row `t` is the source at `x = t · (s − 1) / (target − 1)`,
 /// mixing rows `⌊x⌋` and `⌈x⌉` (for `target == 1`, `x = s − 1`: the last token, which has seen

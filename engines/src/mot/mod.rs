@@ -1,5 +1,5 @@
 //! Mixture of Thoughts (MoT, arXiv 2509.21164): latent-level collaboration of heterogeneous,
-//! frozen decoder LLMs ("experts"). A router (not here yet) picks the top-K experts for a
+//! frozen decoder LLMs ("experts"). A router (`crate::router`) picks the top-K experts for a
 //! prompt and designates one of them the *primary*; the primary's logits are the output. Each
 //! expert's `L_m` decoder layers are split uniformly into `Q` stacks; after every stack an
 //! *interaction layer* lets the primary read the active peers' hidden states through a shared
@@ -47,16 +47,22 @@
 //!
 //! A MoT checkpoint is a folder with `mot_config.json` ([`config`]), `interaction.safetensors`
 //! ([`interaction`] lists the tensor names) and the experts' HF checkpoint folders it points
-//! to. `crate::tiny::write_mot` writes a tiny one. The router's files are a later addition.
+//! to. `crate::tiny::write_mot` writes a tiny one, its router in `router/`.
+//!
+//! [`engine`] serves one expert of such a checkpoint as a stage of a deployment graph (peers
+//! send their projected states to the primary's stage after every stack);
+//! [`reference`](mod@reference) is the single-process forward it is checked against.
 
 pub mod config;
+pub mod engine;
 pub mod interaction;
 pub mod reference;
 
 use std::path::PathBuf;
 
 pub use config::{stack_layers, ExpertEntry, MotConfig, INTERACTION_FILE, MOT_CONFIG_FILE};
-pub use interaction::{resample_tokens, Interaction, InteractionSpec};
+pub use engine::MotExpertEngine;
+pub use interaction::{resample_tokens, Interaction, InteractionSpec, PeerKv};
 pub use reference::{ExpertInput, MotModel};
 
 use crate::llm::model::LlmError;

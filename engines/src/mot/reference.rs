@@ -166,6 +166,109 @@ impl MotModel {
         Ok(self.experts[primary].final_logits(hidden)?)
     }
 
+    /// The primary's `[T + c, vocab]` f32 logits for its prompt (length `T`) followed by
+    /// `continuation` (`c` tokens it generated), recomputed from scratch: what a decode step of
+    /// a staged primary must reproduce.
+    ///
+    /// The peers run once, on the prompt only; their projected states at every stack are
+    /// aligned to the primary's prompt length `T` ([`super::resample_tokens`]). Position `t`
+    /// of the primary attends peer rows `j <= min(t, T − 1)`: prompt positions as in
+    /// [`Self::forward`] (whose logits the first `T` rows equal), generated positions every
+    /// peer row. The prompt rows go through [`Interaction::interact`], each generated row
+    /// alone through [`Interaction::interact_at`] with `past = T − 1`.
+    pub fn forward_continued(
+        &self,
+        inputs: &[ExpertInput<'_>],
+        primary: usize,
+        continuation: &[u32],
+    ) -> Result<Tensor, MotError> {
+        self.check_selection(inputs, primary)?;
+        let peers = self.peer_states(inputs, primary)?;
+        self.primary_logits(inputs, primary, continuation, &peers)
+    }
+
+    /// `max_new` tokens of greedy (argmax) generation by the primary with the peers' prompt
+    /// states, each step recomputing the whole sequence with [`Self::forward_continued`]'s
+    /// rule (peers run once). No end-of-sequence stop: exactly `max_new` tokens.
+    pub fn generate_greedy(
+        &self,
+        inputs: &[ExpertInput<'_>],
+        primary: usize,
+        max_new: usize,
+    ) -> Result<Vec<u32>, MotError> {
+        self.check_selection(inputs, primary)?;
+        let peers = self.peer_states(inputs, primary)?;
+        let mut generated = Vec::with_capacity(max_new);
+        for _ in 0..max_new {
+            let logits = self.primary_logits(inputs, primary, &generated, &peers)?;
+            let last = logits.dim(0)? - 1;
+            let token = logits.get(last)?.argmax(0)?.to_scalar::<u32>()?;
+            generated.push(token);
+        }
+        Ok(generated)
+    }
+
+    /// Every peer's projected states after each stack (`[stack][peer]`, `[T, d_s]`), aligned to
+    /// the primary's prompt length `T`.
+    fn peer_states(
+        &self,
+        inputs: &[ExpertInput<'_>],
+        primary: usize,
+    ) -> Result<Vec<Vec<Tensor>>, MotError> {
+        let t = inputs
+            .iter()
+            .find(|i| i.expert == primary)
+            .map(|i| i.tokens.len())
+            .ok_or_else(|| MotError::Input(format!("primary {primary} is not selected")))?;
+        let mut out = vec![Vec::new(); self.config.num_stacks];
+        for input in inputs.iter().filter(|i| i.expert != primary) {
+            let model = &self.experts[input.expert];
+            let mut cache = model.new_cache();
+            let mut hidden = model.embed(input.tokens)?;
+            for (q, states) in out.iter_mut().enumerate() {
+                let layers = self.stack_layers(input.expert, q);
+                hidden = model.forward_layers(&hidden, layers, &mut cache)?;
+                let s = self.project_out(input.expert, q, &hidden)?;
+                states.push(super::resample_tokens(&s, t)?);
+            }
+        }
+        Ok(out)
+    }
+
+    /// The primary's logits over prompt + `continuation` against `peers` (from
+    /// [`Self::peer_states`]).
+    fn primary_logits(
+        &self,
+        inputs: &[ExpertInput<'_>],
+        primary: usize,
+        continuation: &[u32],
+        peers: &[Vec<Tensor>],
+    ) -> Result<Tensor, MotError> {
+        let prompt = inputs
+            .iter()
+            .find(|i| i.expert == primary)
+            .map(|i| i.tokens)
+            .ok_or_else(|| MotError::Input(format!("primary {primary} is not selected")))?;
+        let t = prompt.len();
+        let tokens: Vec<u32> = prompt.iter().chain(continuation).copied().collect();
+        let model = &self.experts[primary];
+        let mut cache = model.new_cache();
+        let mut hidden = model.embed(&tokens)?;
+        for (q, states) in peers.iter().enumerate() {
+            hidden = model.forward_layers(&hidden, self.stack_layers(primary, q), &mut cache)?;
+            let mut rows = vec![self.interact(primary, q, &hidden.narrow(0, 0, t)?, states)?];
+            for g in t..tokens.len() {
+                let row = hidden.narrow(0, g, 1)?;
+                rows.push(
+                    self.interaction
+                        .interact_at(primary, q, &row, t - 1, states)?,
+                );
+            }
+            hidden = Tensor::cat(&rows, 0)?;
+        }
+        Ok(model.final_logits(&hidden)?)
+    }
+
     fn check_selection(&self, inputs: &[ExpertInput<'_>], primary: usize) -> Result<(), MotError> {
         let n = self.experts.len();
         for (k, input) in inputs.iter().enumerate() {

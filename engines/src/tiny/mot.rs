@@ -7,12 +7,14 @@
 //! dir/experts/small/    Llama, hidden 32, 2 layers   (write_tiny_llm layout)
 //! dir/experts/medium/   Qwen2, hidden 48, 3 layers
 //! dir/experts/large/    Qwen3, hidden 64, 4 layers
+//! dir/router/           tiny router (write_tiny_router layout)
 //! ```
 //!
 //! All three experts use the same tiny byte-level BPE tokenizer (512 ids), so their token
 //! counts match and resampling is the identity; the different-tokenizer path is covered by
-//! `crate::mot::resample_tokens` on its own. The router (prompt encoder + MLP) is not written
-//! yet: `mot_config.json` has `"router": null` where its description will go.
+//! `crate::mot::resample_tokens` on its own. `dir/router/` holds a tiny router checkpoint
+//! (BERT prompt encoder + MLP, see `crate::router`) scoring the three experts in id order;
+//! `mot_config.json`'s `"router"` names that folder.
 //!
 //! Not part of [`make_tiny`](super::make_tiny)'s default set: the default graph and its cache
 //! versions are unchanged.
@@ -38,6 +40,8 @@ pub const TINY_MOT_HEADS: usize = 4;
 pub const TINY_MOT_STACKS: usize = 2;
 /// `α` of the tiny set.
 pub const TINY_MOT_ALPHA: f64 = 1.0;
+/// The router checkpoint's folder inside the tiny set (`mot_config.json`'s `router`).
+pub const TINY_MOT_ROUTER_DIR: &str = "router";
 
 /// The tiny experts' specs, in [`TINY_MOT_EXPERTS`] order.
 pub fn tiny_mot_expert_specs() -> [TinyLlmSpec; 3] {
@@ -82,9 +86,15 @@ pub fn write_mot(dir: &Path, seed: u64) -> Result<Vec<PathBuf>, TinyError> {
         "num_stacks": TINY_MOT_STACKS,
         "alpha": TINY_MOT_ALPHA,
         "layer_norm_eps": 1e-5,
-        "router": null,
+        "router": TINY_MOT_ROUTER_DIR,
     });
     files.push(write_json(&dir.join(MOT_CONFIG_FILE), &config)?);
+    // The router scoring the experts (in id order) for the prompt: `dir/router/`.
+    files.extend(super::write_tiny_router(
+        &dir.join(TINY_MOT_ROUTER_DIR),
+        &TINY_MOT_EXPERTS,
+        tensor_seed(seed, TINY_MOT_ROUTER_DIR),
+    )?);
     let dims: Vec<usize> = specs.iter().map(|s| s.hidden_size).collect();
     let weights = dir.join(INTERACTION_FILE);
     write_interaction(&weights, &dims, seed)?;
