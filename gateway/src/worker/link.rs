@@ -90,12 +90,8 @@ impl LinkReader {
         match self {
             LinkReader::Shm(rx) => match rx.recv_with(deadline, |b| Ok(f(b))) {
                 Ok(t) => Ok(Some(t)),
+                // The control socket maps EOF and resets to `Disconnected`.
                 Err(ShmError::Disconnected) => Ok(None),
-                Err(ShmError::Io { source, .. })
-                    if source.kind() == std::io::ErrorKind::UnexpectedEof =>
-                {
-                    Ok(None)
-                }
                 Err(e) => Err(e.to_string()),
             },
             LinkReader::Tcp(r) => {

@@ -6,7 +6,7 @@
 use super::child::{LoadedStage, WorkerArgs};
 use super::session::serve;
 use axum::extract::State;
-use axum::http::{header, StatusCode};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
@@ -204,9 +204,5 @@ async fn metrics_route(State(h): State<Arc<Health>>) -> Response {
     let l = &h.loaded;
     l.metrics
         .record_engine(&h.stage, l.replica, &l.handle.stats().engine);
-    (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        l.metrics.render(),
-    )
-        .into_response()
+    l.metrics.response()
 }
