@@ -7,7 +7,7 @@
 //! samples as the codec decodes them.
 
 use crate::openai::BadRequest;
-use crate::server::{parse_body, with_request_id, ApiError, AppState};
+use crate::server::{parse_body, with_request_id, ApiError, AppState, NewJob};
 use axum::body::{Body, Bytes};
 use axum::extract::rejection::BytesRejection;
 use axum::extract::State;
@@ -15,7 +15,7 @@ use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use futures::stream;
 use omnistage_stages::deploy::{DeployGraph, TalkerSettings, DEFAULT_VOICE};
-use omnistage_stages::{AudioParams, Modality, Prompt, SamplingParams};
+use omnistage_stages::{AudioParams, Modality, Prompt, RouteRequest, SamplingParams};
 use serde::Deserialize;
 use std::convert::Infallible;
 use std::io::Cursor;
@@ -223,14 +223,15 @@ pub async fn speech(
             ..SamplingParams::default()
         };
         let audio = audio_params(voice, req.seed);
-        let job = state.start(
-            Prompt::Speak(input),
+        let job = state.start(NewJob {
+            prompt: Prompt::Speak(input),
             sampling,
-            vec![Modality::Audio],
-            None,
-            Some(audio),
-            Vec::new(),
-        )?;
+            outputs: vec![Modality::Audio],
+            image: None,
+            audio: Some(audio),
+            media: Vec::new(),
+            route: RouteRequest::default(),
+        })?;
         Ok::<_, ApiError>((job, format, req.stream))
     })();
     let (mut job, format, streamed) = match prepared {

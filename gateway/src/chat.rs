@@ -3,10 +3,10 @@
 
 use crate::audio::{encoding_error, pcm16_bytes, wav_bytes, AudioFields, AudioFormat};
 use crate::openai::{
-    ChatCompletionRequest, CompletionRequest, SamplingFields, StreamOptions, UsageBody,
+    BadRequest, ChatCompletionRequest, CompletionRequest, SamplingFields, StreamOptions, UsageBody,
 };
 use crate::orchestrator::{JobEvent, JobStream};
-use crate::server::{parse_body, unix_now, with_request_id, ApiError, AppState};
+use crate::server::{parse_body, unix_now, with_request_id, ApiError, AppState, NewJob};
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::State;
@@ -16,7 +16,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use base64::Engine as _;
 use futures::stream::{self, Stream, StreamExt};
-use omnistage_stages::{FinishReason, Modality, Prompt, RgbImages, Usage};
+use omnistage_stages::{FinishReason, Modality, Prompt, RgbImages, RouteRequest, Usage};
 use serde_json::{json, Value};
 use std::convert::Infallible;
 
@@ -37,6 +37,25 @@ pub(crate) async fn chat_completions(
         let input = req.chat_messages().map_err(ApiError::bad)?;
         let outputs = req.output_modalities().map_err(ApiError::bad)?;
         let sampling = req.sampling.to_params().map_err(ApiError::bad)?;
+        let route = RouteRequest {
+            model: req.model.clone(),
+            k: req.router_k,
+        };
+        if let Some(k) = req.router_k {
+            let orch = state.orchestrator()?;
+            if !orch.graph.has_router() {
+                return Err(ApiError::bad(BadRequest::new(
+                    "router_k",
+                    "this deployment has no router stage to choose experts",
+                )));
+            }
+            if k == 0 {
+                return Err(ApiError::bad(BadRequest::new(
+                    "router_k",
+                    "router_k must be at least 1",
+                )));
+            }
+        }
         let image = if outputs.contains(&Modality::Image) {
             let orch = state.orchestrator()?;
             match crate::images::image_settings(&orch.graph) {
@@ -70,14 +89,15 @@ pub(crate) async fn chat_completions(
                 .await
                 .map_err(ApiError::bad)?
         };
-        let job = state.start(
-            Prompt::Chat(input.messages),
+        let job = state.start(NewJob {
+            prompt: Prompt::Chat(input.messages),
             sampling,
             outputs,
             image,
             audio,
             media,
-        )?;
+            route,
+        })?;
         let mut reply = ReplyOptions::new(req.stream, &req.stream_options, &req.sampling);
         reply.audio = format;
         Ok::<_, ApiError>((job, reply))
@@ -100,14 +120,18 @@ pub(crate) async fn completions(
         let mut sampling = req.sampling.to_params().map_err(ApiError::bad)?;
         // OpenAI's default for legacy completions.
         sampling.max_tokens = sampling.max_tokens.or(Some(16));
-        let job = state.start(
+        let job = state.start(NewJob {
             prompt,
             sampling,
-            vec![Modality::Text],
-            None,
-            None,
-            Vec::new(),
-        )?;
+            outputs: vec![Modality::Text],
+            image: None,
+            audio: None,
+            media: Vec::new(),
+            route: RouteRequest {
+                model: req.model.clone(),
+                k: None,
+            },
+        })?;
         Ok::<_, ApiError>((
             job,
             ReplyOptions::new(req.stream, &req.stream_options, &req.sampling),

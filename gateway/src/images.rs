@@ -6,7 +6,7 @@
 
 use crate::openai::BadRequest;
 use crate::orchestrator::{JobError, JobEvent};
-use crate::server::{parse_body, unix_now, ApiError, AppState};
+use crate::server::{parse_body, unix_now, ApiError, AppState, NewJob};
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::State;
@@ -16,7 +16,7 @@ use axum::Json;
 use base64::Engine as _;
 use omnistage_engines::diffusion::png::encode_png;
 use omnistage_stages::deploy::{DeployGraph, ImageSettings, StageKind, IMAGE_SIDE_MULTIPLE};
-use omnistage_stages::{ImageParams, Modality, Prompt, RgbImages, SamplingParams};
+use omnistage_stages::{ImageParams, Modality, Prompt, RgbImages, RouteRequest, SamplingParams};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
@@ -201,14 +201,15 @@ pub async fn images_generations(
         let settings = image_settings(&orch.graph)
             .ok_or_else(|| ApiError::from_job(&JobError::UnsupportedOutput(Modality::Image)))?;
         let params = req.fields.resolve(settings).map_err(ApiError::bad)?;
-        state.start(
-            Prompt::Completion(prompt),
-            SamplingParams::default(),
-            vec![Modality::Image],
-            Some(params),
-            None,
-            Vec::new(),
-        )
+        state.start(NewJob {
+            prompt: Prompt::Completion(prompt),
+            sampling: SamplingParams::default(),
+            outputs: vec![Modality::Image],
+            image: Some(params),
+            audio: None,
+            media: Vec::new(),
+            route: RouteRequest::default(),
+        })
     })();
     let mut job = match prepared {
         Ok(job) => job,

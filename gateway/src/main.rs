@@ -94,8 +94,13 @@ enum Command {
         seed: u64,
         /// Instead of the tiny default set, write one ~100M-parameter benchmark LLM of this
         /// family (llama, qwen2 or qwen3) into OUT.
-        #[arg(long, value_parser = ["llama", "qwen2", "qwen3"])]
+        #[arg(long, value_parser = ["llama", "qwen2", "qwen3"], conflicts_with = "mot")]
         bench_llm: Option<String>,
+        /// Instead of the tiny default set, write the tiny Mixture-of-Thoughts set (three
+        /// experts, interaction weights, router) into OUT/tiny-mot, as deploy/tiny-mot.toml
+        /// expects.
+        #[arg(long)]
+        mot: bool,
     },
 }
 
@@ -145,7 +150,8 @@ fn main() -> ExitCode {
             out,
             seed,
             bench_llm,
-        } => make_tiny(&out, seed, bench_llm.as_deref()),
+            mot,
+        } => make_tiny(&out, seed, bench_llm.as_deref(), mot),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -156,8 +162,21 @@ fn main() -> ExitCode {
     }
 }
 
-fn make_tiny(out: &std::path::Path, seed: u64, bench_llm: Option<&str>) -> Result<(), String> {
+fn make_tiny(
+    out: &std::path::Path,
+    seed: u64,
+    bench_llm: Option<&str>,
+    mot: bool,
+) -> Result<(), String> {
     use omnistage_engines::tiny::{TinyFamily, TinyLlmSpec};
+    if mot {
+        let files = omnistage_engines::tiny::write_mot(&out.join("tiny-mot"), seed)
+            .map_err(|e| e.to_string())?;
+        for f in files {
+            println!("{}", f.display());
+        }
+        return Ok(());
+    }
     let Some(family) = bench_llm else {
         let manifest = omnistage_engines::tiny::make_tiny(out, seed).map_err(|e| e.to_string())?;
         for f in manifest.files() {

@@ -6,7 +6,7 @@
 
 use crate::orchestrator::JobObserver;
 use omnistage_scheduler::StageObserver;
-use omnistage_stages::EngineStats;
+use omnistage_stages::{EngineStats, RouteDecision};
 use prometheus::{
     Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
 };
@@ -51,6 +51,9 @@ pub mod names {
     pub const MEDIA_ENCODED_TOTAL: &str = "omnistage_media_encoded_total";
     pub const ENCODER_CACHE_QUERIES_TOTAL: &str = "omnistage_encoder_cache_queries_total";
     pub const ENCODER_CACHE_HITS_TOTAL: &str = "omnistage_encoder_cache_hits_total";
+    pub const MOT_BOUNDARIES_TOTAL: &str = "omnistage_mot_boundaries_total";
+    pub const MOT_BOUNDARY_WAIT_SECONDS_TOTAL: &str = "omnistage_mot_boundary_wait_seconds_total";
+    pub const ROUTER_SELECTIONS_TOTAL: &str = "omnistage_router_selections_total";
 }
 
 const LATENCY_BUCKETS: &[f64] = &[
@@ -85,6 +88,9 @@ pub struct Metrics {
     media_encoded: IntCounterVec,
     encoder_cache_queries: IntCounterVec,
     encoder_cache_hits: IntCounterVec,
+    mot_boundaries: IntCounterVec,
+    mot_boundary_wait: prometheus::CounterVec,
+    router_selections: IntCounterVec,
     /// Engine counters as last seen, so Prometheus counters advance by the difference.
     last_engine: Mutex<HashMap<(String, usize), EngineStats>>,
     stage_failures: IntCounterVec,
@@ -302,6 +308,31 @@ impl Metrics {
                 "Media items whose embeddings were found in the encoder cache (not encoded again).",
                 sr,
             ),
+            mot_boundaries: counter(
+                &r,
+                MOT_BOUNDARIES_TOTAL,
+                "Stack boundaries Mixture-of-Thoughts primaries reached in prompt passes.",
+                sr,
+            ),
+            mot_boundary_wait: {
+                let c = prometheus::CounterVec::new(
+                    prometheus::Opts::new(
+                        MOT_BOUNDARY_WAIT_SECONDS_TOTAL,
+                        "Seconds Mixture-of-Thoughts primaries waited at stack boundaries for their peers' states.",
+                    ),
+                    sr,
+                )
+                .expect("static metric definition");
+                r.register(Box::new(c.clone()))
+                    .expect("metric names are unique");
+                c
+            },
+            router_selections: counter(
+                &r,
+                ROUTER_SELECTIONS_TOTAL,
+                "Experts a router selected, by role (primary answers; peers collaborate).",
+                &["router", "expert", "role"],
+            ),
             connector_chunks: counter(
                 &r,
                 CONNECTOR_CHUNKS_TOTAL,
@@ -365,6 +396,20 @@ impl Metrics {
             return format!("# encoding metrics failed: {e}\n");
         }
         String::from_utf8(buf).unwrap_or_default()
+    }
+
+    /// `GET /metrics`'s answer: [`Self::render`] with Prometheus' text content type (the
+    /// gateway and remote workers serve it alike).
+    pub fn response(&self) -> axum::response::Response {
+        use axum::response::IntoResponse;
+        (
+            [(
+                axum::http::header::CONTENT_TYPE,
+                "text/plain; version=0.0.4",
+            )],
+            self.render(),
+        )
+            .into_response()
     }
 
     /// An observer for one stage replica's scheduler.
@@ -456,12 +501,25 @@ impl Metrics {
                 now.encoder_cache_hits_total,
                 before.encoder_cache_hits_total,
             ),
+            (
+                &self.mot_boundaries,
+                now.mot_boundaries_total,
+                before.mot_boundaries_total,
+            ),
         ] {
             if now > 0 {
                 counter
                     .with_label_values(&l)
                     .inc_by(now.saturating_sub(before));
             }
+        }
+        let waited = now
+            .mot_boundary_wait_us_total
+            .saturating_sub(before.mot_boundary_wait_us_total);
+        if now.mot_boundary_wait_us_total > 0 {
+            self.mot_boundary_wait
+                .with_label_values(&l)
+                .inc_by(waited as f64 / 1e6);
         }
     }
 
@@ -559,5 +617,14 @@ impl JobObserver for Metrics {
 
     fn held(&self, edge: &str) {
         self.edge_holds.with_label_values(&[edge]).inc();
+    }
+
+    fn routed(&self, router: &str, decision: &RouteDecision) {
+        for (i, expert) in decision.selected.iter().enumerate() {
+            let role = if i == 0 { "primary" } else { "peer" };
+            self.router_selections
+                .with_label_values(&[router, expert.as_str(), role])
+                .inc();
+        }
     }
 }

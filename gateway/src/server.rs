@@ -12,7 +12,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use omnistage_stages::{
-    AudioParams, ImageParams, JobRequest, MediaInput, Modality, Prompt, SamplingParams,
+    AudioParams, ImageParams, JobRequest, MediaInput, Modality, Prompt, RouteRequest,
+    SamplingParams,
 };
 use serde::de::DeserializeOwned;
 use serde_json::{json, Value};
@@ -33,6 +34,17 @@ pub struct AppState {
     pub runtime: Arc<RuntimeSlot>,
     pub metrics: Arc<Metrics>,
     pub request_timeout: Duration,
+}
+
+/// What an endpoint asks of a new job (the server adds its id and deadline).
+pub(crate) struct NewJob {
+    pub prompt: Prompt,
+    pub sampling: SamplingParams,
+    pub outputs: Vec<Modality>,
+    pub image: Option<ImageParams>,
+    pub audio: Option<AudioParams>,
+    pub media: Vec<MediaInput>,
+    pub route: RouteRequest,
 }
 
 /// The gateway's routes.
@@ -165,6 +177,15 @@ impl AppState {
         match model {
             None => Ok(()),
             Some(m) if m == self.model_name => Ok(()),
+            // A rule-form router routes on the model name: the names it knows are served too.
+            Some(m)
+                if self
+                    .runtime
+                    .orchestrator()
+                    .is_some_and(|o| o.graph.routed_model_names().contains(&m)) =>
+            {
+                Ok(())
+            }
             Some(m) => Err(ApiError::new(
                 StatusCode::NOT_FOUND,
                 "not_found_error",
@@ -188,25 +209,19 @@ impl AppState {
         })
     }
 
-    pub(crate) fn start(
-        &self,
-        prompt: Prompt,
-        sampling: SamplingParams,
-        outputs: Vec<Modality>,
-        image: Option<ImageParams>,
-        audio: Option<AudioParams>,
-        media: Vec<MediaInput>,
-    ) -> Result<JobStream, ApiError> {
+    /// Submits a new job built from `job` with a fresh id and the server's deadline.
+    pub(crate) fn start(&self, job: NewJob) -> Result<JobStream, ApiError> {
         let orch = self.orchestrator()?;
         let request = JobRequest {
             id: orch.next_job_id(),
-            prompt,
-            sampling,
-            outputs,
+            prompt: job.prompt,
+            sampling: job.sampling,
+            outputs: job.outputs,
             deadline: Instant::now() + self.request_timeout,
-            image,
-            audio,
-            media,
+            image: job.image,
+            audio: job.audio,
+            media: job.media,
+            route: job.route,
         };
         orch.submit(request).map_err(|e| ApiError::from_job(&e))
     }
@@ -292,9 +307,5 @@ async fn metrics(State(state): State<AppState>) -> Response {
             }
         }
     }
-    (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        state.metrics.render(),
-    )
-        .into_response()
+    state.metrics.response()
 }

@@ -38,6 +38,18 @@ pub struct EdgeTrace {
     pub transfer_ms: f64,
 }
 
+/// A router's decision for the job.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct RouteTrace {
+    pub router: String,
+    /// Selected expert stages, primary first.
+    pub selected: Vec<String>,
+    /// The router's score per expert (model form; empty for rules).
+    pub scores: Vec<(String, f32)>,
+    /// `model`, or the rule that matched.
+    pub reason: String,
+}
+
 /// A finished job's trace.
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct JobTrace {
@@ -61,6 +73,9 @@ pub struct JobTrace {
     pub real_time_factor: Option<f64>,
     pub stages: Vec<StageTrace>,
     pub edges: Vec<EdgeTrace>,
+    /// Which experts ran the job, where a router chose them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub route: Option<RouteTrace>,
 }
 
 /// Builds a job's trace while it runs.
@@ -88,6 +103,7 @@ impl TraceBuilder {
                 real_time_factor: None,
                 stages: Vec::new(),
                 edges: Vec::new(),
+                route: None,
             },
         }
     }
@@ -102,6 +118,15 @@ impl TraceBuilder {
             .iter_mut()
             .rev()
             .find(|s| s.stage == stage)
+    }
+
+    pub fn routed(&mut self, router: &str, decision: &omnistage_stages::RouteDecision) {
+        self.trace.route = Some(RouteTrace {
+            router: router.to_string(),
+            selected: decision.selected.clone(),
+            scores: decision.scores.clone(),
+            reason: decision.reason.clone(),
+        });
     }
 
     pub fn graph_admitted(&mut self) {

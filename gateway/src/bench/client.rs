@@ -121,6 +121,9 @@ pub fn request_body(p: &Planned, wl: &Workload, model: Option<&str>) -> (&'stati
         if modalities.contains(&"image") {
             body["image"] = image(&wl.image);
         }
+        for (k, v) in &wl.extra_body {
+            body[k] = v.clone();
+        }
         body
     };
     let (path, mut body) = match p.kind {

@@ -62,6 +62,9 @@ pub struct RunArgs {
     /// Names the run in results and plots (e.g. pipelined, monolithic).
     #[arg(long)]
     pub label: Option<String>,
+    /// A JSON object merged into every chat request's body, e.g. '{"router_k": 2}'.
+    #[arg(long)]
+    pub extra_body: Option<String>,
     #[arg(long)]
     pub seed: Option<u64>,
     /// Requests to send.
@@ -201,6 +204,12 @@ pub fn workload(args: &RunArgs) -> Result<Workload, String> {
     }
     if args.label.is_some() {
         wl.label = args.label.clone();
+    }
+    if let Some(extra) = &args.extra_body {
+        match serde_json::from_str(extra) {
+            Ok(serde_json::Value::Object(fields)) => wl.extra_body = fields,
+            _ => return Err(format!("--extra-body must be a JSON object, got `{extra}`")),
+        }
     }
     Ok(wl)
 }

@@ -268,6 +268,9 @@ pub struct Workload {
     pub max_in_flight: u64,
     pub sweep: Option<Sweep>,
     pub label: Option<String>,
+    /// Fields merged into every chat request's body (e.g. `{"router_k": 2}`).
+    #[serde(default, skip_serializing_if = "serde_json::Map::is_empty")]
+    pub extra_body: serde_json::Map<String, serde_json::Value>,
 }
 
 /// Requests sent when neither `count` nor `duration_s` is given.
@@ -302,6 +305,7 @@ impl Default for Workload {
             max_in_flight: 256,
             sweep: None,
             label: None,
+            extra_body: serde_json::Map::new(),
         }
     }
 }

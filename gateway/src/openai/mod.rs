@@ -340,6 +340,9 @@ pub struct ChatCompletionRequest {
     pub image: Option<crate::images::ImageFields>,
     /// Voice and format when `modalities` includes `"audio"` (OpenAI's shape).
     pub audio: Option<crate::audio::AudioFields>,
+    /// How many experts a router stage runs this request on (our extension; the router's `k`
+    /// when absent).
+    pub router_k: Option<usize>,
     #[serde(flatten)]
     pub sampling: SamplingFields,
 }

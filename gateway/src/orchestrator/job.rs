@@ -2,6 +2,8 @@
 //! along edges (whole, or chunk by chunk on streamed edges with a bounded buffer), sends final
 //! outputs to the client, and ends the job on completion, failure, cancellation or deadline.
 
+mod route;
+
 use super::flow::EdgeFlow;
 use super::{JobError, JobEvent, Orchestrator};
 use crate::trace::TraceBuilder;
@@ -45,6 +47,10 @@ pub(super) struct JobRun {
     usage: Usage,
     reason: Option<FinishReason>,
     pub trace: TraceBuilder,
+    /// A router has decided for this job.
+    routed: bool,
+    /// Mixture-of-Thoughts exchange, when the router selected collaborating experts.
+    mot: Option<route::MotExchange>,
 }
 
 impl JobRun {
@@ -73,6 +79,8 @@ impl JobRun {
             audio_rate: 0,
             usage: Usage::default(),
             reason: None,
+            routed: false,
+            mot: None,
         }
     }
 
@@ -243,13 +251,17 @@ impl JobRun {
                 }
                 // The prompt is counted where it enters the graph: at stages whose only inputs
                 // (if any) are encoded media, which become part of their prompt.
-                let entry = self
-                    .edges_into(s)
-                    .iter()
-                    .all(|e| self.orch.edges[*e].carries == PayloadKind::MediaEmbeddings);
+                // Experts a router selected read the request themselves: the primary counts.
+                let entry = self.edges_into(s).iter().all(|e| {
+                    matches!(
+                        self.orch.edges[*e].carries,
+                        PayloadKind::MediaEmbeddings | PayloadKind::Route
+                    )
+                });
                 if entry {
                     self.usage.prompt_tokens += usage.prompt_tokens;
                 }
+                self.mot_peer_finished(s);
                 self.release_producers_of(s);
                 self.forward_from(s)?;
                 let complete = self
@@ -280,6 +292,25 @@ impl JobRun {
         payloads: Vec<Payload>,
         client: &mpsc::Sender<JobEvent>,
     ) -> Result<(), JobError> {
+        let mut payloads = payloads;
+        if self.orch.is_router(s) {
+            for p in &payloads {
+                if let Payload::Route(decision) = p {
+                    self.on_route(s, decision.clone())?;
+                }
+            }
+        }
+        if payloads.iter().any(|p| matches!(p, Payload::MotStates(_))) {
+            let (states, rest): (Vec<_>, Vec<_>) = payloads
+                .into_iter()
+                .partition(|p| matches!(p, Payload::MotStates(_)));
+            for p in states {
+                if let Payload::MotStates(m) = p {
+                    self.on_mot_states(s, m)?;
+                }
+            }
+            payloads = rest;
+        }
         let text_stage = self.plan.output_stage.get(&Modality::Text).copied();
         let image_stage = self.plan.output_stage.get(&Modality::Image).copied();
         let audio_stage = self.plan.output_stage.get(&Modality::Audio).copied();
@@ -442,9 +473,10 @@ impl JobRun {
         }
         let mut inputs = self.inbox.remove(&to).unwrap_or_default();
         inputs.sort_by_key(|(edge, _)| *edge);
-        let streaming = into
-            .iter()
-            .any(|x| self.flows.get(x).is_some_and(|f| !f.close_sent));
+        let streaming = self.is_mot_primary(to)
+            || into
+                .iter()
+                .any(|x| self.flows.get(x).is_some_and(|f| !f.close_sent));
         self.start_stage(to, inputs.into_iter().map(|(_, p)| p).collect(), streaming)
     }
 

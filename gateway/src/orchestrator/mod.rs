@@ -16,7 +16,8 @@ use job::{outcome_label, JobPlan, JobRun};
 use omnistage_connectors::Connector;
 use omnistage_stages::deploy::{DeployGraph, StageKind, StreamSpec};
 use omnistage_stages::{
-    FinishReason, JobId, JobRequest, Modality, PayloadKind, PcmAudio, RgbImages, StageEvent, Usage,
+    FinishReason, JobId, JobRequest, Modality, PayloadKind, PcmAudio, RgbImages, RouteDecision,
+    StageEvent, Usage,
 };
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -73,6 +74,8 @@ pub trait JobObserver: Send + Sync {
     fn transfer(&self, edge: &str, bytes: usize, seconds: f64);
     /// A producer was held back: its consumer on this streamed edge has a full buffer.
     fn held(&self, edge: &str);
+    /// A router decided which experts run a job.
+    fn routed(&self, router: &str, decision: &RouteDecision);
 }
 
 /// One edge as the runtime uses it.
@@ -149,6 +152,13 @@ impl Orchestrator {
 
     fn stage_index(&self, id: &str) -> Option<usize> {
         self.stages.iter().position(|s| s.id() == id)
+    }
+
+    /// Whether stage `s` is a router.
+    fn is_router(&self, s: usize) -> bool {
+        self.graph
+            .stage(self.stages[s].id())
+            .is_some_and(|spec| spec.kind == StageKind::Router)
     }
 
     /// Stages the request needs: every ancestor of the stages producing its requested outputs,

@@ -57,8 +57,23 @@ pub async fn start_with_env(
     mode: ExecutionMode,
     env: &[(String, String)],
 ) -> TestServer {
+    start_with_models(toml, request_timeout, mode, env, |dir| {
+        omnistage_engines::tiny::make_tiny(dir, 0).expect("make tiny checkpoints");
+    })
+    .await
+}
+
+/// Like [`start_with_env`], with the checkpoints `make` writes into the models folder (relative
+/// `model` paths resolve against it).
+pub async fn start_with_models(
+    toml: &str,
+    request_timeout: Duration,
+    mode: ExecutionMode,
+    env: &[(String, String)],
+    make: impl FnOnce(&Path),
+) -> TestServer {
     let models = tempfile::tempdir().expect("temp dir");
-    omnistage_engines::tiny::make_tiny(models.path(), 0).expect("make tiny checkpoints");
+    make(models.path());
     let graph = DeployGraph::from_toml_str(toml, Path::new("test.toml"), models.path(), env)
         .expect("valid graph");
     graph.check_models().expect("models present");
