@@ -11,7 +11,8 @@
 #
 # Usage: scripts/bench-mot.sh [OUT_DIR] (default benches/results/mot)
 # Environment: ROUNDS (3), COUNT (48), MAX_TOKENS (32), PROMPT_WORDS (24), SEED (42),
-# BUILD (0: use target/release/omnistage as it is).
+# SET (tiny: the 32/48/64-wide experts of the tests; bench: 256/384/512 wide, 4/6/8 layers —
+# `make-tiny --mot --mot-set bench`), BUILD (0: use target/release/omnistage as it is).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-benches/results/mot}
@@ -20,6 +21,7 @@ count=${COUNT:-48}
 max_tokens=${MAX_TOKENS:-32}
 prompt_words=${PROMPT_WORDS:-24}
 seed=${SEED:-42}
+set_name=${SET:-tiny}
 [ "${BUILD:-1}" = 0 ] || cargo build --release --bin omnistage
 bin=target/release/omnistage
 work=$(mktemp -d)
@@ -31,7 +33,7 @@ cleanup() {
 }
 trap cleanup EXIT
 
-"$bin" make-tiny --out "$work" --mot >/dev/null
+"$bin" make-tiny --out "$work" --mot --mot-set "$set_name" >/dev/null
 cp deploy/tiny-mot.toml "$work/"
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
 "$bin" serve "$work/tiny-mot.toml" --port "$port" >"$work/server.log" 2>&1 &
@@ -45,7 +47,7 @@ wait_metric() { # name: sum of every series of the metric
   curl -s "http://127.0.0.1:$port/metrics" | awk -v m="$1" '$1 ~ "^"m"(\\{|$)" {s += $2} END {printf "%.6f\n", s}'
 }
 
-{ echo "load average before: $(cut -d' ' -f1-3 /proc/loadavg)"; nproc; } >"$out/machine.txt"
+{ echo "set: $set_name"; echo "load average before: $(cut -d' ' -f1-3 /proc/loadavg)"; nproc; } >"$out/machine.txt"
 ks=(1 2 3)
 for r in $(seq 1 "$rounds"); do
   for c in 1 8; do

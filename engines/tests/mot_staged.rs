@@ -205,7 +205,13 @@ fn staged_experts_match_the_reference() {
             live[e].push(job);
         }
     }
-    // Primaries with peers wait for their states; the K = 1 job does not.
+    // A primary first runs its own stack-0 layers (they need nothing from the peers), so
+    // nothing awaits input yet; after one step, primaries with peers wait at the boundary.
+    assert!(!engines[MEDIUM].awaiting_input(a));
+    assert!(!engines[LARGE].awaiting_input(b));
+    let idle_a = step(&mut engines[MEDIUM], &[a]);
+    let idle_b = step(&mut engines[LARGE], &[b]);
+    assert!(idle_a.is_empty() && idle_b.is_empty(), "{idle_a:?} {idle_b:?}");
     assert!(engines[MEDIUM].awaiting_input(a));
     assert!(engines[LARGE].awaiting_input(b));
     assert!(!engines[MEDIUM].awaiting_input(c));
@@ -416,7 +422,9 @@ fn a_missing_peer_keeps_the_primary_waiting_until_released() {
     let req = request(7, Prompt::Completion("wait for me".into()));
     let job = JobId(7);
     let t = medium.admit(job, input(&req, &sel, MEDIUM)).unwrap();
-    assert!(medium.awaiting_input(job));
+    assert!(!medium.awaiting_input(job), "its own stack-0 layers can run");
+    assert!(run_one(&mut medium, job).is_empty());
+    assert!(medium.awaiting_input(job), "at the boundary");
 
     // One peer's stack-0 states arrive; the other's never do.
     medium

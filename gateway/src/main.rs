@@ -101,6 +101,10 @@ enum Command {
         /// expects.
         #[arg(long)]
         mot: bool,
+        /// With --mot: `bench` writes larger experts (Llama 256 × 4, Qwen2 384 × 6, Qwen3
+        /// 512 × 8; shared space 128) for `scripts/bench-mot.sh`.
+        #[arg(long, value_parser = ["tiny", "bench"], default_value = "tiny", requires = "mot")]
+        mot_set: String,
     },
 }
 
@@ -151,7 +155,8 @@ fn main() -> ExitCode {
             seed,
             bench_llm,
             mot,
-        } => make_tiny(&out, seed, bench_llm.as_deref(), mot),
+            mot_set,
+        } => make_tiny(&out, seed, bench_llm.as_deref(), mot.then_some(mot_set.as_str())),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -166,11 +171,15 @@ fn make_tiny(
     out: &std::path::Path,
     seed: u64,
     bench_llm: Option<&str>,
-    mot: bool,
+    mot: Option<&str>,
 ) -> Result<(), String> {
-    use omnistage_engines::tiny::{TinyFamily, TinyLlmSpec};
-    if mot {
-        let files = omnistage_engines::tiny::write_mot(&out.join("tiny-mot"), seed)
+    use omnistage_engines::tiny::{MotSetSpec, TinyFamily, TinyLlmSpec};
+    if let Some(set) = mot {
+        let set = match set {
+            "bench" => MotSetSpec::bench(),
+            _ => MotSetSpec::tiny(),
+        };
+        let files = omnistage_engines::tiny::write_mot_set(&out.join("tiny-mot"), &set, seed)
             .map_err(|e| e.to_string())?;
         for f in files {
             println!("{}", f.display());

@@ -400,20 +400,24 @@ impl Interaction {
         let qh = attn.q_proj.forward(&sp)?;
         let qh = qh.reshape((n, nh, dh))?.transpose(0, 1)?.contiguous()?;
         let scale = 1.0 / (dh as f64).sqrt();
-        let scores = (qh.matmul(&kh.t()?)? * scale)?;
-        let mask: Vec<f32> = (0..n)
-            .flat_map(|i| {
-                (0..total).map(move |c| {
-                    if c % rows > past + i {
-                        f32::NEG_INFINITY
-                    } else {
-                        0.0
-                    }
+        let mut scores = (qh.matmul(&kh.t()?)? * scale)?;
+        // Decode steps (`past >= rows - 1`) see every peer row: no mask to build.
+        if past + 1 < rows {
+            let mask: Vec<f32> = (0..n)
+                .flat_map(|i| {
+                    (0..total).map(move |c| {
+                        if c % rows > past + i {
+                            f32::NEG_INFINITY
+                        } else {
+                            0.0
+                        }
+                    })
                 })
-            })
-            .collect();
-        let mask = Tensor::from_vec(mask, (n, total), &self.device)?;
-        let probs = candle_nn::ops::softmax_last_dim(&scores.broadcast_add(&mask)?)?;
+                .collect();
+            let mask = Tensor::from_vec(mask, (n, total), &self.device)?;
+            scores = scores.broadcast_add(&mask)?;
+        }
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
         let ctx = probs.matmul(vh)?.transpose(0, 1)?.reshape((n, ds))?;
         let update = a.out_proj.forward(&attn.o_proj.forward(&ctx)?)?;
         Ok((h + (update * self.spec.alpha)?)?)

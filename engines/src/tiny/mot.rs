@@ -61,18 +61,82 @@ pub fn tiny_mot_expert_specs() -> [TinyLlmSpec; 3] {
     ]
 }
 
+/// The shape of a MoT set: its three experts (in [`TINY_MOT_EXPERTS`] order) and the shared
+/// space.
+#[derive(Debug, Clone)]
+pub struct MotSetSpec {
+    pub experts: [TinyLlmSpec; 3],
+    /// `d_s`.
+    pub shared_dim: usize,
+    /// Cross-attention heads (divides `shared_dim`).
+    pub heads: usize,
+    /// `Q`.
+    pub stacks: usize,
+}
+
+impl MotSetSpec {
+    /// The tiny set the tests and `deploy/tiny-mot.toml` use.
+    pub fn tiny() -> Self {
+        Self {
+            experts: tiny_mot_expert_specs(),
+            shared_dim: TINY_MOT_SHARED_DIM,
+            heads: TINY_MOT_HEADS,
+            stacks: TINY_MOT_STACKS,
+        }
+    }
+
+    /// A benchmark set with experts large enough that their own compute, not per-operation
+    /// overhead, dominates a CPU step: Llama 256 wide × 4 layers, Qwen2 384 × 6, Qwen3 512 × 8
+    /// (7, 17 and 34 M parameters with the 512-id vocabulary), shared space 128 wide, 4 heads,
+    /// 2 stacks.
+    pub fn bench() -> Self {
+        let base = |family, hidden: usize, layers| TinyLlmSpec {
+            hidden_size: hidden,
+            num_hidden_layers: layers,
+            num_attention_heads: 8,
+            num_key_value_heads: 4,
+            head_dim: hidden / 8,
+            intermediate_size: 4 * hidden,
+            max_position_embeddings: 2048,
+            init_std: 0.02,
+            ..TinyLlmSpec::tiny(family)
+        };
+        Self {
+            experts: [
+                base(TinyFamily::Llama, 256, 4),
+                base(TinyFamily::Qwen2, 384, 6),
+                base(TinyFamily::Qwen3, 512, 8),
+            ],
+            shared_dim: 128,
+            heads: 4,
+            stacks: 2,
+        }
+    }
+}
+
 /// Writes the tiny MoT set into `dir` (created if missing); returns every written file. Same
 /// `seed` ⇒ byte-identical files; each expert's weights come from its own seed derived from
 /// `seed` and its name.
 pub fn write_mot(dir: &Path, seed: u64) -> Result<Vec<PathBuf>, TinyError> {
+    write_mot_set(dir, &MotSetSpec::tiny(), seed)
+}
+
+/// Writes a MoT set of shape `set` into `dir` (see [`write_mot`]).
+pub fn write_mot_set(dir: &Path, set: &MotSetSpec, seed: u64) -> Result<Vec<PathBuf>, TinyError> {
     std::fs::create_dir_all(dir).map_err(|source| TinyError::Io {
         path: dir.to_path_buf(),
         source,
     })?;
-    let specs = tiny_mot_expert_specs();
+    if set.heads == 0 || set.shared_dim % set.heads != 0 || set.stacks == 0 {
+        return Err(TinyError::InvalidSpec(format!(
+            "MoT set: shared_dim {} must be a multiple of heads {} and stacks {} at least 1",
+            set.shared_dim, set.heads, set.stacks
+        )));
+    }
+    let specs = &set.experts;
     let mut files = Vec::new();
     let mut experts = Vec::new();
-    for (name, spec) in TINY_MOT_EXPERTS.iter().zip(&specs) {
+    for (name, spec) in TINY_MOT_EXPERTS.iter().zip(specs) {
         let rel = format!("experts/{name}");
         let expert_seed = tensor_seed(seed, &rel);
         files.extend(write_tiny_llm(&dir.join(&rel), spec, expert_seed)?);
@@ -81,9 +145,9 @@ pub fn write_mot(dir: &Path, seed: u64) -> Result<Vec<PathBuf>, TinyError> {
     let config = json!({
         "model_type": "mot",
         "experts": experts,
-        "shared_dim": TINY_MOT_SHARED_DIM,
-        "num_heads": TINY_MOT_HEADS,
-        "num_stacks": TINY_MOT_STACKS,
+        "shared_dim": set.shared_dim,
+        "num_heads": set.heads,
+        "num_stacks": set.stacks,
         "alpha": TINY_MOT_ALPHA,
         "layer_norm_eps": 1e-5,
         "router": TINY_MOT_ROUTER_DIR,
@@ -97,7 +161,7 @@ pub fn write_mot(dir: &Path, seed: u64) -> Result<Vec<PathBuf>, TinyError> {
     )?);
     let dims: Vec<usize> = specs.iter().map(|s| s.hidden_size).collect();
     let weights = dir.join(INTERACTION_FILE);
-    write_interaction(&weights, &dims, seed)?;
+    write_interaction(&weights, &dims, set, seed)?;
     files.push(weights);
     Ok(files)
 }
@@ -110,11 +174,11 @@ enum Fill {
 }
 
 /// Every interaction tensor (names and shapes as in `crate::mot::interaction`).
-fn interaction_specs(dims: &[usize]) -> Vec<(String, Vec<usize>, Fill)> {
-    let ds = TINY_MOT_SHARED_DIM;
+fn interaction_specs(dims: &[usize], set: &MotSetSpec) -> Vec<(String, Vec<usize>, Fill)> {
+    let ds = set.shared_dim;
     let inv_sqrt = |n: usize| 1.0 / (n as f32).sqrt();
     let mut out = Vec::new();
-    for q in 0..TINY_MOT_STACKS {
+    for q in 0..set.stacks {
         for (i, &d) in dims.iter().enumerate() {
             let p = format!("stacks.{q}.experts.{i}");
             out.push((format!("{p}.norm.weight"), vec![d], Fill::Ones));
@@ -144,8 +208,13 @@ fn interaction_specs(dims: &[usize]) -> Vec<(String, Vec<usize>, Fill)> {
 }
 
 /// Writes `interaction.safetensors` (f32, `{"format": "pt"}` metadata).
-fn write_interaction(path: &Path, dims: &[usize], seed: u64) -> Result<(), TinyError> {
-    let specs = interaction_specs(dims);
+fn write_interaction(
+    path: &Path,
+    dims: &[usize],
+    set: &MotSetSpec,
+    seed: u64,
+) -> Result<(), TinyError> {
+    let specs = interaction_specs(dims, set);
     let data: Vec<Vec<u8>> = specs
         .iter()
         .map(|(name, shape, fill)| {

@@ -45,7 +45,8 @@ pub(super) fn text(g: &DeployGraph) -> String {
             "    batching: max_batch_size={} max_batched_tokens={} max_wait_ms={} max_queue={} max_model_len={max_len}",
             s.max_batch_size, s.max_batched_tokens, s.max_wait_ms, s.max_queue
         );
-        if s.kind == StageKind::Llm {
+        // A Mixture-of-Thoughts expert keeps its own per-request caches (no paged pool).
+        if s.kind == StageKind::Llm && s.mot.is_none() {
             let budget = s.kv_cache_bytes.map_or_else(
                 || "sized from batching limits".to_string(),
                 |b| format!("{b} bytes"),

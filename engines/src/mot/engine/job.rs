@@ -91,7 +91,10 @@ pub(super) struct PrimaryJob {
     pub gen: Generation,
     /// Logits `[vocab]` of the newest position run (the one that produced the newest token).
     pub last_logits: Option<Tensor>,
-    /// Since when the prompt pass has been blocked on the peers' states for `next_stack`.
+    /// The layers of stack `next_stack` have run; its interaction waits for the peers.
+    pub layers_done: bool,
+    /// Since when the prompt pass has been blocked at the boundary of `next_stack` (its layers
+    /// done) for the peers' states.
     pub blocked_since: Option<std::time::Instant>,
     /// Boundaries passed and microseconds blocked at them, not yet added to the engine's
     /// counters.
@@ -108,6 +111,7 @@ impl PrimaryJob {
     /// Whether the job can do nothing until more peer states arrive.
     pub fn awaiting(&self, num_stacks: usize) -> bool {
         self.next_stack < num_stacks
+            && self.layers_done
             && self.unreported == 0
             && !self.closed
             && !self.stack_ready(self.next_stack)

@@ -118,8 +118,8 @@ impl MotExpertEngine {
                 generated: 0,
             },
             last_logits: None,
-            // Blocked on stack 0's states from the start (with peers).
-            blocked_since: (peers > 0).then(std::time::Instant::now),
+            layers_done: false,
+            blocked_since: None,
             boundaries: 0,
             blocked_us: 0,
         })

@@ -34,8 +34,9 @@ impl MotExpertEngine {
         Ok((payload, last))
     }
 
-    /// Runs a primary's prompt stack `p.next_stack` with the peers' states it has.
-    pub(super) fn primary_stack(&self, p: &mut PrimaryJob) -> Result<(), MotError> {
+    /// Runs the layers of a primary's prompt stack `p.next_stack`: they need nothing from the
+    /// peers, so they run while the peers compute theirs.
+    pub(super) fn primary_layers(&self, p: &mut PrimaryJob) -> Result<(), MotError> {
         let q = p.next_stack;
         let Some(layers) = self.stacks.get(q).cloned() else {
             return Err(MotError::Input(format!("primary has no stack {q}")));
@@ -44,7 +45,18 @@ impl MotExpertEngine {
             Some(h) => h,
             None => self.model.embed(&p.tokens[..p.prompt_len])?,
         };
-        let hidden = self.model.forward_layers(&hidden, layers, &mut p.cache)?;
+        p.hidden = Some(self.model.forward_layers(&hidden, layers, &mut p.cache)?);
+        p.layers_done = true;
+        Ok(())
+    }
+
+    /// The interaction layer closing a primary's prompt stack `p.next_stack` (its layers done),
+    /// with the peers' states it has.
+    pub(super) fn primary_interact(&self, p: &mut PrimaryJob) -> Result<(), MotError> {
+        let q = p.next_stack;
+        let Some(hidden) = p.hidden.take() else {
+            return Err(MotError::Input(format!("stack {q}'s layers have not run")));
+        };
         let mut chunks = std::mem::take(&mut p.inbox[q]);
         chunks.sort_by_key(|(e, _)| *e);
         let device = self.model.device();
@@ -58,6 +70,7 @@ impl MotExpertEngine {
             .interact_cached(self.expert, q, &hidden, 0, &kv)?;
         p.kv.push(kv);
         p.hidden = Some(hidden);
+        p.layers_done = false;
         p.next_stack += 1;
         Ok(())
     }
@@ -108,17 +121,24 @@ impl MotExpertEngine {
             events.push(StageEvent::Consumed(std::mem::take(&mut p.unreported)));
         }
         let num_stacks = self.num_stacks();
-        while p.next_stack < num_stacks && p.stack_ready(p.next_stack) {
+        while p.next_stack < num_stacks {
+            if !p.layers_done {
+                self.primary_layers(p).map_err(compute)?;
+            }
+            if !p.stack_ready(p.next_stack) {
+                // At the boundary, waiting for the peers' states.
+                if p.blocked_since.is_none() {
+                    p.blocked_since = Some(std::time::Instant::now());
+                }
+                break;
+            }
             if p.peers > 0 {
                 p.boundaries += 1;
                 if let Some(since) = p.blocked_since.take() {
                     p.blocked_us += since.elapsed().as_micros() as u64;
                 }
             }
-            self.primary_stack(p).map_err(compute)?;
-            if p.peers > 0 && p.next_stack < num_stacks && !p.stack_ready(p.next_stack) {
-                p.blocked_since = Some(std::time::Instant::now());
-            }
+            self.primary_interact(p).map_err(compute)?;
         }
         if p.next_stack < num_stacks {
             if p.closed {
