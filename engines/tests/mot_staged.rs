@@ -211,7 +211,10 @@ fn staged_experts_match_the_reference() {
     assert!(!engines[LARGE].awaiting_input(b));
     let idle_a = step(&mut engines[MEDIUM], &[a]);
     let idle_b = step(&mut engines[LARGE], &[b]);
-    assert!(idle_a.is_empty() && idle_b.is_empty(), "{idle_a:?} {idle_b:?}");
+    assert!(
+        idle_a.is_empty() && idle_b.is_empty(),
+        "{idle_a:?} {idle_b:?}"
+    );
     assert!(engines[MEDIUM].awaiting_input(a));
     assert!(engines[LARGE].awaiting_input(b));
     assert!(!engines[MEDIUM].awaiting_input(c));
@@ -422,7 +425,10 @@ fn a_missing_peer_keeps_the_primary_waiting_until_released() {
     let req = request(7, Prompt::Completion("wait for me".into()));
     let job = JobId(7);
     let t = medium.admit(job, input(&req, &sel, MEDIUM)).unwrap();
-    assert!(!medium.awaiting_input(job), "its own stack-0 layers can run");
+    assert!(
+        !medium.awaiting_input(job),
+        "its own stack-0 layers can run"
+    );
     assert!(run_one(&mut medium, job).is_empty());
     assert!(medium.awaiting_input(job), "at the boundary");
 

@@ -156,7 +156,12 @@ fn main() -> ExitCode {
             bench_llm,
             mot,
             mot_set,
-        } => make_tiny(&out, seed, bench_llm.as_deref(), mot.then_some(mot_set.as_str())),
+        } => make_tiny(
+            &out,
+            seed,
+            bench_llm.as_deref(),
+            mot.then_some(mot_set.as_str()),
+        ),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

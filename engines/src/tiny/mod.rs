@@ -28,8 +28,8 @@ pub use image::{write_tiny_image_pipeline, TINY_SCHEDULER_SHIFT};
 pub use llm::{write_tiny_llm, TinyFamily, TinyLlmSpec, TINY_CHAT_TEMPLATE};
 pub use mimi::{write_tiny_mimi, TinyMimiLayout, TinyMimiSpec};
 pub use mot::{
-    tiny_mot_expert_specs, write_mot, write_mot_set, MotSetSpec, TINY_MOT_ALPHA, TINY_MOT_EXPERTS, TINY_MOT_HEADS,
-    TINY_MOT_ROUTER_DIR, TINY_MOT_SHARED_DIM, TINY_MOT_STACKS,
+    tiny_mot_expert_specs, write_mot, write_mot_set, MotSetSpec, TINY_MOT_ALPHA, TINY_MOT_EXPERTS,
+    TINY_MOT_HEADS, TINY_MOT_ROUTER_DIR, TINY_MOT_SHARED_DIM, TINY_MOT_STACKS,
 };
 pub use router::{
     write_tiny_router, TINY_ROUTER_HIDDEN, TINY_ROUTER_MAX_LENGTH, TINY_ROUTER_MLP_HIDDEN,
