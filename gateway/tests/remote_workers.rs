@@ -344,7 +344,10 @@ async fn a_remote_stage_without_workers_is_not_ready_and_answers_503() {
         let resp = client.get(format!("{base}/health")).send().await.unwrap();
         let status = resp.status().as_u16();
         let h: Value = resp.json().await.unwrap();
-        if h["stages"]["thinker"]["state"] == "ready" {
+        // Stages load in parallel: wait until the local ones are ready and the remote codec
+        // has left `loading` (it then waits for workers that never come).
+        let loaded = |id: &str| !matches!(h["stages"][id]["state"].as_str(), Some("loading"));
+        if h["stages"]["thinker"]["state"] == "ready" && loaded("codec") {
             assert_eq!(status, 503, "{h}");
             break h;
         }

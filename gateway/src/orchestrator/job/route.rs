@@ -3,6 +3,7 @@
 //! Mixture-of-Thoughts exchange (peers' projected states fed to the primary as they come).
 
 use super::JobRun;
+use crate::orchestrator::flow::EdgeFlow;
 use crate::orchestrator::JobError;
 use omnistage_stages::{MotStates, Payload, PayloadKind, RouteDecision};
 use std::collections::BTreeSet;
@@ -84,6 +85,12 @@ impl JobRun {
                 needed.contains(&edge.from) && needed.contains(&edge.to)
             })
             .collect();
+        self.flows.retain(|e, _| self.plan.edges.contains(e));
+        for &e in &self.plan.edges {
+            if let Some(spec) = self.orch.edges[e].stream {
+                self.flows.entry(e).or_insert_with(|| EdgeFlow::new(spec));
+            }
+        }
         let mot = selected.iter().all(|&i| {
             graph
                 .stage(self.orch.stages[i].id())
