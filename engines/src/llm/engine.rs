@@ -10,21 +10,20 @@
 //! prompt position for the first token, then each decode position). Prompt rows are not sent.
 
 use super::chat_template::ChatTemplate;
+use super::generation::Generation;
 use super::generation_config::GenerationConfig;
 use super::kv::{checkpoint_sampling, hidden_rows, KvState};
 use super::model::LlmModel;
 use super::paged::PagedChunk;
-use super::sampling::{ResolvedSampling, Sampler};
 use super::sequence::Sequence;
 use super::splice::{chunk_splice, splice_prompt, MediaPlaceholders};
-use super::stop::StopMatcher;
-use super::tokenizer::{StreamDecoder, TextTokenizer};
+use super::tokenizer::TextTokenizer;
 use candle_core::{DType, Device};
 use omnistage_stages::{
     ChatMessage, EngineError, EngineStats, JobId, Payload, Prompt, SamplingParams, StageEngine,
     StageEvent, StageInput, StepWork, Usage,
 };
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::path::Path;
 
 /// Stage-level settings of an LLM engine (from the deployment file).
@@ -174,12 +173,7 @@ impl LlmEngine {
 
     /// Renders chat messages with the checkpoint's template.
     pub fn render_chat(&self, messages: &[ChatMessage]) -> Result<String, EngineError> {
-        let template = self.template.as_ref().ok_or_else(|| {
-            EngineError::InvalidInput("this model has no chat template; use /v1/completions".into())
-        })?;
-        template
-            .render(messages, true)
-            .map_err(|e| EngineError::InvalidInput(format!("chat template: {e}")))
+        super::prompt::render_chat(self.template.as_ref(), messages)
     }
 
     /// Token ids of the job's prompt: upstream tokens, upstream text (as a user turn), or the
@@ -254,35 +248,9 @@ impl StageEngine for LlmEngine {
             self.model.device(),
         )?;
         let prompt = spliced.tokens;
-        if prompt.is_empty() {
-            return Err(EngineError::InvalidInput("the prompt is empty".into()));
-        }
-        if let Some(bad) = prompt.iter().find(|t| **t as usize >= self.vocab_size()) {
-            return Err(EngineError::InvalidInput(format!(
-                "token id {bad} is outside the model's vocabulary of {}",
-                self.vocab_size()
-            )));
-        }
-        if prompt.len() >= self.max_model_len {
-            return Err(EngineError::InvalidInput(format!(
-                "the prompt has {} tokens; this model accepts at most {} tokens of prompt and completion",
-                prompt.len(),
-                self.max_model_len
-            )));
-        }
+        super::prompt::check_prompt(&prompt, self.vocab_size(), self.max_model_len)?;
         let params = input.sampling().or(&self.defaults);
         let room = self.max_model_len - prompt.len();
-        let max_tokens = params.max_tokens.unwrap_or(room).min(room);
-        if max_tokens == 0 {
-            return Err(EngineError::InvalidInput(
-                "max_tokens must be at least 1".into(),
-            ));
-        }
-        let mut stop_ids: HashSet<u32> = params.stop_token_ids.iter().copied().collect();
-        if !params.ignore_eos {
-            stop_ids.extend(self.eos_ids.iter().copied());
-        }
-        let cached = self.kv.start(job, &prompt, spliced.salt)?;
         // Speaking: the output is the text itself, token by token, whatever the logits say.
         let forced = match (&input.request.prompt, input.upstream.is_empty()) {
             (Prompt::Speak(text), true) => self
@@ -291,34 +259,14 @@ impl StageEngine for LlmEngine {
                 .map_err(|e| EngineError::InvalidInput(format!("tokenizer: {e}")))?,
             _ => Vec::new(),
         };
-        if forced.len() > room {
-            return Err(EngineError::InvalidInput(format!(
-                "the text to speak has {} tokens; this model has room for {room} after its prompt",
-                forced.len()
-            )));
-        }
-        let max_tokens = if forced.is_empty() {
-            max_tokens
-        } else {
-            forced.len()
-        };
-        let stops = StopMatcher::new(if forced.is_empty() {
-            params.stop.clone()
-        } else {
-            Vec::new()
-        });
+        let gen = Generation::new(&params, &self.eos_ids, room, forced)?;
+        let cached = self.kv.start(job, &prompt, spliced.salt)?;
         let seq = Sequence {
-            forced,
+            gen,
             arrival: self.next_arrival,
             prompt_len: prompt.len(),
             tokens: prompt,
             computed: cached,
-            sampler: Sampler::new(ResolvedSampling::from_params(&params)),
-            decoder: StreamDecoder::new(),
-            // Forced text is said whole: stop strings do not cut it.
-            stops,
-            stop_ids,
-            max_tokens,
             media: spliced.spans,
             salt: spliced.salt,
         };

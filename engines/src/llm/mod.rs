@@ -5,12 +5,14 @@
 pub mod chat_template;
 pub mod config;
 pub mod engine;
+pub(crate) mod generation;
 pub mod generation_config;
 mod kv;
 mod linear;
 pub mod model;
 pub mod paged;
 mod paged_ops;
+pub(crate) mod prompt;
 pub mod sampling;
 mod sequence;
 pub mod splice;

@@ -1,14 +1,12 @@
 //! One sequence of the LLM engine: its tokens, how many of them are in the KV pool, and the
 //! per-request sampler, detokenizer and stop matcher that turn logits into streamed output.
 
+use super::generation::Generation;
 use super::kv::KvSeq;
-use super::sampling::Sampler;
 use super::splice::SpliceSpan;
-use super::stop::{StopCheck, StopMatcher};
-use super::tokenizer::{StreamDecoder, TextTokenizer};
+use super::tokenizer::TextTokenizer;
 use candle_core::Tensor;
 use omnistage_stages::{EngineError, FinishReason, Payload};
-use std::collections::HashSet;
 
 /// One sequence in the running batch.
 pub(crate) struct Sequence {
@@ -19,15 +17,8 @@ pub(crate) struct Sequence {
     pub tokens: Vec<u32>,
     /// Leading tokens whose K/V are in the pool (0 after a preemption).
     pub computed: usize,
-    pub sampler: Sampler,
-    pub decoder: StreamDecoder,
-    pub stops: StopMatcher,
-    pub stop_ids: HashSet<u32>,
-    /// Completion tokens allowed; admission caps it so prompt + completion fit the model.
-    pub max_tokens: usize,
-    /// Teacher-forced output (speaking a given text): emitted in place of sampled tokens, then
-    /// the sequence stops. Empty = sample.
-    pub forced: Vec<u32>,
+    /// Sampling, stops, the completion limit and detokenizing (or forced output).
+    pub gen: Generation,
     /// Media rows spliced into the prompt, by prompt position.
     pub media: Vec<SpliceSpan>,
     /// Prefix-cache salt: 0 without media, else a mix of the media digests.
@@ -66,53 +57,8 @@ impl Sequence {
         tokenizer: &TextTokenizer,
         out: &mut Vec<Payload>,
     ) -> Result<Option<FinishReason>, EngineError> {
-        let forced = self.forced.get(self.generated().len()).copied();
-        let token = match forced {
-            Some(t) => t,
-            None => self
-                .sampler
-                .sample(logits, &self.tokens)
-                .map_err(|e| EngineError::Compute(e.to_string()))?,
-        };
-        if forced.is_none() && self.stop_ids.contains(&token) {
-            push_text(out, self.stops.flush());
-            return Ok(Some(FinishReason::Stop));
-        }
-        self.tokens.push(token);
-        out.push(Payload::Tokens(vec![token].into()));
-        let piece = self
-            .decoder
-            .push(tokenizer, token)
-            .map_err(|e| EngineError::Compute(format!("detokenize: {e}")))?
-            .unwrap_or_default();
-        match self.stops.push(&piece) {
-            StopCheck::Stopped(text) => {
-                push_text(out, text);
-                return Ok(Some(FinishReason::Stop));
-            }
-            StopCheck::Continue(text) => push_text(out, text),
-        }
-        if self.generated().len() >= self.max_tokens {
-            let tail = self
-                .decoder
-                .flush(tokenizer)
-                .ok()
-                .flatten()
-                .unwrap_or_default();
-            let tail = match self.stops.push(&tail) {
-                StopCheck::Stopped(t) => t,
-                StopCheck::Continue(t) => t + &self.stops.flush(),
-            };
-            push_text(out, tail);
-            // A forced sequence said all it had to say.
-            let reason = if self.forced.is_empty() {
-                FinishReason::Length
-            } else {
-                FinishReason::Stop
-            };
-            return Ok(Some(reason));
-        }
-        Ok(None)
+        self.gen
+            .advance(logits, &mut self.tokens, self.prompt_len, tokenizer, out)
     }
 }
 
@@ -135,11 +81,5 @@ impl KvSeq for Sequence {
 
     fn salt(&self) -> u64 {
         self.salt
-    }
-}
-
-fn push_text(out: &mut Vec<Payload>, text: String) {
-    if !text.is_empty() {
-        out.push(Payload::Text(text.into()));
     }
 }

@@ -1,16 +1,12 @@
-//! Per-job state of a staged MoT expert: a peer's prompt pass, a primary's prompt pass (gated
-//! on its peers' states) and its decode, and the sampling / stop / detokenizing of generated
-//! tokens (the same rules and output shape as the LLM engine's sequences).
-
-use std::collections::HashSet;
+//! Per-job state of a staged MoT expert: a peer's prompt pass, and a primary's prompt pass
+//! (gated on its peers' states) and decode, whose sampling / stop / detokenizing is the LLM
+//! engine's own (`crate::llm::generation`).
 
 use candle_core::Tensor;
-use omnistage_stages::{EngineError, FinishReason, HiddenStates, Payload};
+use omnistage_stages::{EngineError, HiddenStates, Payload};
 
+use crate::llm::generation::Generation;
 use crate::llm::model::SeqKvCache;
-use crate::llm::sampling::Sampler;
-use crate::llm::stop::{StopCheck, StopMatcher};
-use crate::llm::tokenizer::{StreamDecoder, TextTokenizer};
 use crate::mot::PeerKv;
 
 /// One job at this stage.
@@ -172,77 +168,5 @@ impl PrimaryJob {
             ));
         }
         Ok(())
-    }
-}
-
-/// Turns a primary's logits into tokens and streamed text: sampler, stop token ids, stop
-/// strings, incremental detokenizer and the completion-length limit.
-pub(super) struct Generation {
-    pub sampler: Sampler,
-    pub decoder: StreamDecoder,
-    pub stops: StopMatcher,
-    pub stop_ids: HashSet<u32>,
-    /// Completion tokens allowed (bounded so prompt + completion fit the model).
-    pub max_tokens: usize,
-    /// Tokens generated so far.
-    pub generated: usize,
-}
-
-impl Generation {
-    /// Samples the next token from `logits` (`[vocab]` f32), appends it to `tokens` and reports
-    /// it into `out` as the LLM engine does: `Payload::Tokens` with the one id, then
-    /// `Payload::Text` when it completes text (held back while it may start a stop string).
-    /// Returns the finish reason when the job is done.
-    pub fn advance(
-        &mut self,
-        logits: &Tensor,
-        tokens: &mut Vec<u32>,
-        tokenizer: &TextTokenizer,
-        out: &mut Vec<Payload>,
-    ) -> Result<Option<FinishReason>, EngineError> {
-        let token = self
-            .sampler
-            .sample(logits, tokens)
-            .map_err(|e| EngineError::Compute(e.to_string()))?;
-        if self.stop_ids.contains(&token) {
-            push_text(out, self.stops.flush());
-            return Ok(Some(FinishReason::Stop));
-        }
-        tokens.push(token);
-        self.generated += 1;
-        out.push(Payload::Tokens(vec![token].into()));
-        let piece = self
-            .decoder
-            .push(tokenizer, token)
-            .map_err(|e| EngineError::Compute(format!("detokenize: {e}")))?
-            .unwrap_or_default();
-        match self.stops.push(&piece) {
-            StopCheck::Stopped(text) => {
-                push_text(out, text);
-                return Ok(Some(FinishReason::Stop));
-            }
-            StopCheck::Continue(text) => push_text(out, text),
-        }
-        if self.generated >= self.max_tokens {
-            let tail = self
-                .decoder
-                .flush(tokenizer)
-                .ok()
-                .flatten()
-                .unwrap_or_default();
-            let tail = match self.stops.push(&tail) {
-                StopCheck::Stopped(t) => t,
-                StopCheck::Continue(t) => t + &self.stops.flush(),
-            };
-            push_text(out, tail);
-            return Ok(Some(FinishReason::Length));
-        }
-        Ok(None)
-    }
-}
-
-fn push_text(out: &mut Vec<Payload>, text: String) {
-    if !text.is_empty() {
-        out.push(Payload::Text(text.into()));
     }
 }

@@ -391,7 +391,7 @@ impl StageEngine for MotExpertEngine {
                         f.map(|reason| {
                             let usage = Usage {
                                 prompt_tokens: p.prompt_len,
-                                completion_tokens: p.gen.generated,
+                                completion_tokens: p.tokens.len() - p.prompt_len,
                             };
                             (reason, usage)
                         })

@@ -1,24 +1,16 @@
 //! A job's prompt in this expert's own tokenization, its checks, and a primary's generation
 //! settings.
 
-use std::collections::HashSet;
-
 use omnistage_stages::{ChatMessage, EngineError, Payload, Prompt, StageInput};
 
-use super::job::{Generation, PrimaryJob};
+use super::job::PrimaryJob;
 use super::MotExpertEngine;
-use crate::llm::sampling::{ResolvedSampling, Sampler};
-use crate::llm::stop::StopMatcher;
-use crate::llm::tokenizer::StreamDecoder;
+use crate::llm::generation::Generation;
+use crate::llm::prompt;
 
 impl MotExpertEngine {
     pub(super) fn render_chat(&self, messages: &[ChatMessage]) -> Result<String, EngineError> {
-        let template = self.template.as_ref().ok_or_else(|| {
-            EngineError::InvalidInput("this model has no chat template; use /v1/completions".into())
-        })?;
-        template
-            .render(messages, true)
-            .map_err(|e| EngineError::InvalidInput(format!("chat template: {e}")))
+        prompt::render_chat(self.template.as_ref(), messages)
     }
 
     /// The prompt in this expert's tokenization: upstream text (as a user turn) or the
@@ -58,25 +50,8 @@ impl MotExpertEngine {
     }
 
     /// Checks the prompt against the vocabulary and the length limit.
-    pub(super) fn check_prompt(&self, prompt: &[u32]) -> Result<(), EngineError> {
-        if prompt.is_empty() {
-            return Err(EngineError::InvalidInput("the prompt is empty".into()));
-        }
-        if let Some(bad) = prompt.iter().find(|t| **t as usize >= self.vocab_size()) {
-            return Err(EngineError::InvalidInput(format!(
-                "token id {bad} is outside the model's vocabulary of {}",
-                self.vocab_size()
-            )));
-        }
-        if prompt.len() >= self.max_model_len {
-            return Err(EngineError::InvalidInput(format!(
-                "the prompt has {} tokens; this model accepts at most {} tokens of prompt and \
-                 completion",
-                prompt.len(),
-                self.max_model_len
-            )));
-        }
-        Ok(())
+    pub(super) fn check_prompt(&self, tokens: &[u32]) -> Result<(), EngineError> {
+        prompt::check_prompt(tokens, self.vocab_size(), self.max_model_len)
     }
 
     /// Sets up a primary job: sampling, stops and the completion limit.
@@ -88,16 +63,7 @@ impl MotExpertEngine {
     ) -> Result<PrimaryJob, EngineError> {
         let params = input.sampling().or(&self.defaults);
         let room = self.max_model_len - tokens.len();
-        let max_tokens = params.max_tokens.unwrap_or(room).min(room);
-        if max_tokens == 0 {
-            return Err(EngineError::InvalidInput(
-                "max_tokens must be at least 1".into(),
-            ));
-        }
-        let mut stop_ids: HashSet<u32> = params.stop_token_ids.iter().copied().collect();
-        if !params.ignore_eos {
-            stop_ids.extend(self.eos_ids.iter().copied());
-        }
+        let gen = Generation::new(&params, &self.eos_ids, room, Vec::new())?;
         Ok(PrimaryJob {
             prompt_len: tokens.len(),
             tokens,
@@ -109,14 +75,7 @@ impl MotExpertEngine {
             unreported: 0,
             closed: peers == 0,
             kv: Vec::with_capacity(self.num_stacks()),
-            gen: Generation {
-                sampler: Sampler::new(ResolvedSampling::from_params(&params)),
-                decoder: StreamDecoder::new(),
-                stops: StopMatcher::new(params.stop.clone()),
-                stop_ids,
-                max_tokens,
-                generated: 0,
-            },
+            gen,
             last_logits: None,
             layers_done: false,
             blocked_since: None,

@@ -153,9 +153,13 @@ impl MotExpertEngine {
         }
         let logits = self.primary_logits(p).map_err(compute)?;
         let mut out = Vec::new();
-        let finished = p
-            .gen
-            .advance(&logits, &mut p.tokens, &self.tokenizer, &mut out);
+        let finished = p.gen.advance(
+            &logits,
+            &mut p.tokens,
+            p.prompt_len,
+            &self.tokenizer,
+            &mut out,
+        );
         p.last_logits = Some(logits);
         let finished = finished?;
         if !out.is_empty() {

@@ -5,7 +5,7 @@
 use super::JobRun;
 use crate::orchestrator::flow::EdgeFlow;
 use crate::orchestrator::JobError;
-use omnistage_stages::{MotStates, Payload, PayloadKind, RouteDecision};
+use omnistage_stages::{MotStates, Payload, RouteDecision};
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
@@ -127,7 +127,6 @@ impl JobRun {
         }
         let (primary, label) = (mot.primary, mot.label.clone());
         let payload = Payload::MotStates(states);
-        debug_assert_eq!(payload.kind(), PayloadKind::MotStates);
         self.trace.transfer(&label, payload.byte_len(), 0.0);
         self.orch.observer.transfer(&label, payload.byte_len(), 0.0);
         if let Some(&replica) = self.active.get(&primary) {
