@@ -247,6 +247,8 @@ async fn media_on_tiny_omni_fetches_urls_when_allowed() {
     let images = image_server().await;
     let toml = tiny_omni_with_media(&[
         ("fetch_urls", toml::Value::Boolean(true)),
+        // The image server is on the loopback address.
+        ("fetch_private_addresses", toml::Value::Boolean(true)),
         ("max_image_bytes", toml::Value::Integer(64 << 10)),
         ("fetch_timeout_ms", toml::Value::Integer(5_000)),
         ("max_items", toml::Value::Integer(3)),
@@ -275,4 +277,29 @@ async fn media_on_tiny_omni_fetches_urls_when_allowed() {
     let (param, message) = refused(&s, chat(parts)).await;
     assert_eq!(param, "messages[0].content[4]");
     assert!(message.contains("at most 3"), "{message}");
+}
+
+// Needs tiny-omni's image encoder stage.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn media_on_tiny_omni_fetches_no_private_addresses_by_default() {
+    let images = image_server().await;
+    let port = images.rsplit(':').next().unwrap();
+    let toml = tiny_omni_with_media(&[("fetch_urls", toml::Value::Boolean(true))]);
+    let s = start(&toml).await;
+
+    let (param, message) = refused(&s, chat(vec![image_part(&format!("{images}/cat.png"))])).await;
+    assert_eq!(param, "messages[0].content[1].image_url.url");
+    assert_eq!(
+        message,
+        "the image URL's host 127.0.0.1 is not a public address \
+         (media.fetch_private_addresses is off)"
+    );
+    let localhost = image_part(&format!("http://localhost:{port}/cat.png"));
+    let (param, message) = refused(&s, chat(vec![localhost])).await;
+    assert_eq!(param, "messages[0].content[1].image_url.url");
+    assert!(
+        message.contains("resolves only to non-public addresses")
+            && message.contains("media.fetch_private_addresses"),
+        "{message}"
+    );
 }

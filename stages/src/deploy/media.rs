@@ -16,6 +16,7 @@ pub(super) const MEDIA_FIELDS: &[&str] = &[
     "max_items",
     "fetch_urls",
     "fetch_timeout_ms",
+    "fetch_private_addresses",
 ];
 
 /// The keys of a `[stage.encoder]` table and their types.
@@ -40,6 +41,11 @@ pub struct MediaLimits {
     pub fetch_urls: bool,
     /// Time limit of one fetch.
     pub fetch_timeout_ms: u64,
+    /// Whether a fetch may reach addresses that are not public unicast ones: loopback, private
+    /// networks, link-local (cloud metadata services), CGNAT, multicast, reserved and
+    /// documentation ranges. Off by default, so a client cannot point the gateway at internal
+    /// services; turn it on only where images are served from such a network.
+    pub fetch_private_addresses: bool,
 }
 
 impl Default for MediaLimits {
@@ -52,6 +58,7 @@ impl Default for MediaLimits {
             max_items: 16,
             fetch_urls: false,
             fetch_timeout_ms: 10_000,
+            fetch_private_addresses: false,
         }
     }
 }
@@ -86,6 +93,7 @@ struct RawMedia {
     max_items: Option<usize>,
     fetch_urls: Option<bool>,
     fetch_timeout_ms: Option<u64>,
+    fetch_private_addresses: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -150,6 +158,9 @@ pub(super) fn parse_limits(
             "media.fetch_timeout_ms",
             d.fetch_timeout_ms,
         )?,
+        fetch_private_addresses: r
+            .fetch_private_addresses
+            .unwrap_or(d.fetch_private_addresses),
     })
 }
 
@@ -187,4 +198,31 @@ pub(super) fn parse_encoder(
         encodes,
         cache_bytes,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn parse(table: Value) -> Result<MediaLimits, DeployError> {
+        parse_limits(table.as_object().unwrap(), "d.toml")
+    }
+
+    #[test]
+    fn fetch_private_addresses_parses_and_defaults_to_off() {
+        let d = parse(json!({})).unwrap();
+        assert!(!d.fetch_private_addresses);
+        assert_eq!(d, MediaLimits::default());
+        let on = parse(json!({"fetch_urls": true, "fetch_private_addresses": true})).unwrap();
+        assert!(on.fetch_urls && on.fetch_private_addresses);
+        let off = parse(json!({"fetch_private_addresses": false})).unwrap();
+        assert!(!off.fetch_private_addresses);
+        let e = parse(json!({"fetch_private_addresses": "yes"})).unwrap_err();
+        let e = e.to_string();
+        assert!(
+            e.contains("d.toml") && e.contains("media.fetch_private_addresses"),
+            "{e}"
+        );
+    }
 }

@@ -169,7 +169,11 @@ pub(super) fn text(g: &DeployGraph) -> String {
             l.max_audio_bytes,
             l.max_audio_seconds,
             l.max_items,
-            if l.fetch_urls { "on" } else { "off" }
+            match (l.fetch_urls, l.fetch_private_addresses) {
+                (false, _) => "off",
+                (true, false) => "on, public addresses only",
+                (true, true) => "on, private addresses too",
+            }
         );
     }
     if let Some(c) = &g.cluster {
