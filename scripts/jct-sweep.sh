@@ -3,14 +3,16 @@
 # embedded default twice — pipelined (port 18200) and --monolithic (port 18201, one request at a
 # time, every stage unbatched) — sweeps the same seeded text+image workload over offered loads on
 # each (one after the other, so they never compete for the CPU), and plots both curves.
-# Usage: scripts/jct-sweep.sh [OUT_DIR] (default benches/results/jct)
-# Environment: RATES (default 2,4,8,12,16), COUNT per load (150), MIX (text=1,image=1; add
+# Usage: scripts/jct-sweep.sh [OUT_DIR] (default target/jct: per-request results run to ~20 MB;
+# benches/results/ keeps the two sweep.json files, the compare table and the chart)
+# Environment: RATES (default 4,8,12,14,16,17,18,19,20,22,24: dense around where the baseline
+# saturates on the 2-core dev machine), COUNT per load (300), MIX (text=1,image=1; add
 # speech=1 for chats with text + audio out through thinker → talker → codec).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-out=${1:-benches/results/jct}
-rates=${RATES:-2,4,8,12,16}
-count=${COUNT:-150}
+out=${1:-target/jct}
+rates=${RATES:-4,8,12,14,16,17,18,19,20,22,24}
+count=${COUNT:-300}
 mix=${MIX:-text=1,image=1}
 cargo build --release --bin omnistage
 bin=target/release/omnistage

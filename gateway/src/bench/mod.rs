@@ -269,11 +269,7 @@ pub async fn bench(
         }
         let (results, text) = single(opts, &point_wl, dir.as_deref()).await?;
         report.push_str(&format!("\n== {} = {offered} ==\n{text}", sw.axis()));
-        points.push(sweep::SweepPoint::from_summaries(
-            offered,
-            results.wall_s,
-            results.summary,
-        ));
+        points.push(sweep::SweepPoint::from_results(offered, &results));
     }
     let file = sweep::SweepFile {
         label,
