@@ -54,6 +54,7 @@ pub mod names {
     pub const MOT_BOUNDARIES_TOTAL: &str = "omnistage_mot_boundaries_total";
     pub const MOT_BOUNDARY_WAIT_SECONDS_TOTAL: &str = "omnistage_mot_boundary_wait_seconds_total";
     pub const ROUTER_SELECTIONS_TOTAL: &str = "omnistage_router_selections_total";
+    pub const STAGE_RETRIES_TOTAL: &str = "omnistage_stage_retries_total";
 }
 
 const LATENCY_BUCKETS: &[f64] = &[
@@ -103,6 +104,7 @@ pub struct Metrics {
     connector_seconds: HistogramVec,
     connector_chunks: IntCounterVec,
     edge_holds: IntCounterVec,
+    stage_retries: IntCounterVec,
     ttfp: HistogramVec,
     audio_seconds: prometheus::Counter,
     rtf: HistogramVec,
@@ -344,6 +346,12 @@ impl Metrics {
                 EDGE_HOLDS_TOTAL,
                 "Times a producer was held back because its consumer had a streamed edge's buffer full.",
                 &["edge"],
+            ),
+            stage_retries: counter(
+                &r,
+                STAGE_RETRIES_TOTAL,
+                "Jobs resubmitted to another replica after theirs became unavailable before producing anything.",
+                &["stage"],
             ),
             ttfp: histogram(
                 &r,
@@ -617,6 +625,10 @@ impl JobObserver for Metrics {
 
     fn held(&self, edge: &str) {
         self.edge_holds.with_label_values(&[edge]).inc();
+    }
+
+    fn retried(&self, stage: &str) {
+        self.stage_retries.with_label_values(&[stage]).inc();
     }
 
     fn routed(&self, router: &str, decision: &RouteDecision) {

@@ -25,6 +25,10 @@ pub struct StageTrace {
     pub queue_wait_ms: Option<f64>,
     /// `finished − admitted`: time in the stage's running batch.
     pub compute_ms: Option<f64>,
+    /// Why this attempt ended without finishing when the job was then retried on another
+    /// replica (the next entry for the same stage is the retry).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub retried_after: Option<String>,
 }
 
 /// What one edge moved for a job: one delivery, or every chunk of a streamed edge summed.
@@ -143,7 +147,15 @@ impl TraceBuilder {
             finished_ms: None,
             queue_wait_ms: None,
             compute_ms: None,
+            retried_after: None,
         });
+    }
+
+    /// The stage's current attempt ended with `why`; a retry follows ([`TraceBuilder::submitted`]).
+    pub fn retried(&mut self, stage: &str, why: &str) {
+        if let Some(s) = self.stage(stage) {
+            s.retried_after = Some(why.to_string());
+        }
     }
 
     pub fn admitted(&mut self, stage: &str) {

@@ -2,6 +2,7 @@
 //! along edges (whole, or chunk by chunk on streamed edges with a bounded buffer), sends final
 //! outputs to the client, and ends the job on completion, failure, cancellation or deadline.
 
+mod retry;
 mod route;
 
 use super::flow::EdgeFlow;
@@ -51,6 +52,11 @@ pub(super) struct JobRun {
     routed: bool,
     /// Mixture-of-Thoughts exchange, when the router selected collaborating experts.
     mot: Option<route::MotExchange>,
+    /// Stage index → what it was given, while it runs and has produced nothing (see
+    /// [`retry`]).
+    attempts: HashMap<usize, retry::Attempt>,
+    /// Stages this job was already retried at.
+    retried: BTreeSet<usize>,
 }
 
 impl JobRun {
@@ -81,6 +87,8 @@ impl JobRun {
             reason: None,
             routed: false,
             mot: None,
+            attempts: HashMap::new(),
+            retried: BTreeSet::new(),
         }
     }
 
@@ -129,6 +137,7 @@ impl JobRun {
     ) -> Result<(), JobError> {
         self.trace.submitted(self.orch.stages[s].id());
         let client_facing = self.plan.output_stage.values().any(|o| *o == s);
+        let attempt = retry::Attempt::new(upstream.clone(), streaming);
         let input = StageInput {
             request: self.request.clone(),
             upstream,
@@ -149,6 +158,7 @@ impl JobRun {
                 },
             })?;
         self.active.insert(s, replica);
+        self.attempts.insert(s, attempt);
         Ok(())
     }
 
@@ -233,12 +243,14 @@ impl JobRun {
             }
             StageEvent::Output(payloads) => {
                 self.trace.output(&stage_id);
+                self.note_produced(s);
                 self.on_output(s, payloads, client).await?;
                 Ok(false)
             }
             StageEvent::Finished { reason, usage } => {
                 self.trace.finished(&stage_id);
                 self.active.remove(&s);
+                self.note_produced(s);
                 self.done.insert(s);
                 if self.plan.output_stage.values().any(|o| *o == s) {
                     self.usage.completion_tokens += usage.completion_tokens;
@@ -271,8 +283,14 @@ impl JobRun {
                     .all(|o| self.done.contains(o));
                 Ok(complete)
             }
+            StageEvent::Failed(EngineError::Unavailable(why)) => {
+                self.active.remove(&s);
+                self.retry_unavailable(s, why)?;
+                Ok(false)
+            }
             StageEvent::Failed(err) => {
                 self.active.remove(&s);
+                self.attempts.remove(&s);
                 let stage = self.stage_name(s);
                 Err(match err {
                     EngineError::InvalidInput(m) => {
@@ -438,6 +456,7 @@ impl JobRun {
                 }
             };
             if let Some(&replica) = self.active.get(&to) {
+                self.note_fed(to, &delivered, last);
                 self.orch.stages[to].feed(replica, self.request.id, delivered, last);
             } else if !self.done.contains(&to) {
                 self.deliver_to_inbox(e, delivered)?;

@@ -74,6 +74,9 @@ pub trait JobObserver: Send + Sync {
     fn transfer(&self, edge: &str, bytes: usize, seconds: f64);
     /// A producer was held back: its consumer on this streamed edge has a full buffer.
     fn held(&self, edge: &str);
+    /// A job was resubmitted to another replica of `stage`: its replica became unavailable
+    /// before the job produced anything there.
+    fn retried(&self, stage: &str);
     /// A router decided which experts run a job.
     fn routed(&self, router: &str, decision: &RouteDecision);
 }
