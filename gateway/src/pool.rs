@@ -133,6 +133,12 @@ impl StagePool {
         gone.len()
     }
 
+    /// Whether any replica runs in a worker process (only those can become unavailable under a
+    /// job: a worker that dies or leaves).
+    pub fn has_workers(&self) -> bool {
+        self.any(|r| matches!(r, Replica::Remote(_)))
+    }
+
     /// Whether `which` matches any replica.
     pub fn any(&self, which: impl Fn(&Replica) -> bool) -> bool {
         self.read().values().any(|r| which(r))
