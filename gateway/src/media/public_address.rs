@@ -7,11 +7,11 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 /// `media.fetch_private_addresses` is off. Not public: IPv4 this-network 0/8, private 10/8,
 /// 172.16/12 and 192.168/16, CGNAT 100.64/10, loopback 127/8, link-local 169.254/16 (cloud
 /// metadata), IETF 192.0.0/24, documentation 192.0.2/24, 198.51.100/24 and 203.0.113/24,
-/// benchmarking 198.18/15, multicast 224/4, reserved 240/4 and broadcast; IPv6 outside global
-/// unicast 2000::/3 (`::`, `::1`, unique local fc00::/7, link-local fe80::/10, multicast
-/// ff00::/8, ...), documentation 2001:db8::/32 and 3fff::/20, and the IPv4-compatible (::/96),
-/// IPv4-mapped (::ffff:0:0/96), NAT64 (64:ff9b::/96) and 6to4 (2002::/16) forms of IPv4
-/// addresses that are not public.
+/// benchmarking 198.18/15, the 6to4 relay anycast 192.88.99/24, multicast 224/4, reserved 240/4
+/// and broadcast; IPv6 outside global unicast 2000::/3 (`::`, `::1`, unique local fc00::/7,
+/// link-local fe80::/10, multicast ff00::/8, ...), Teredo 2001::/32, documentation 2001:db8::/32
+/// and 3fff::/20, and the IPv4-compatible (::/96), IPv4-mapped (::ffff:0:0/96), NAT64
+/// (64:ff9b::/96) and 6to4 (2002::/16) forms of IPv4 addresses that are not public.
 pub fn is_public(ip: IpAddr) -> bool {
     match ip {
         IpAddr::V4(v4) => is_public_v4(v4),
@@ -32,7 +32,8 @@ fn is_public_v4(ip: Ipv4Addr) -> bool {
         || (a == 192 && b == 0 && (c == 0 || c == 2))
         || (a == 198 && b & 0xfe == 18)
         || (a == 198 && b == 51 && c == 100)
-        || (a == 203 && b == 0 && c == 113);
+        || (a == 203 && b == 0 && c == 113)
+        || (a == 192 && b == 88 && c == 99);
     !private
 }
 
@@ -45,8 +46,8 @@ fn is_public_v6(ip: Ipv6Addr) -> bool {
         [0x64, 0xff9b, 0, 0, 0, 0, hi, lo] => is_public_v4(v4(hi, lo)),
         // 6to4.
         [0x2002, hi, lo, ..] => is_public_v4(v4(hi, lo)),
-        // Documentation.
-        [0x2001, 0xdb8, ..] => false,
+        // Teredo tunnels (the IPv4 ends are obfuscated inside) and documentation.
+        [0x2001, 0, ..] | [0x2001, 0xdb8, ..] => false,
         [0x3fff, b, ..] if b & 0xf000 == 0 => false,
         // Global unicast; everything else is local, multicast or reserved.
         [a, ..] => a & 0xe000 == 0x2000,
@@ -116,6 +117,11 @@ mod tests {
             ("2001:db8::1", false),
             ("3fff::1", false),
             ("100::1", false),
+            ("192.88.99.1", false),
+            ("192.88.98.1", true),
+            ("2001::1", false),
+            ("2001:0:4136:e378:8000:63bf:3fff:fdd2", false),
+            ("2001:1::1", true),
         ];
         for (ip, public) in cases {
             let parsed: IpAddr = ip.parse().unwrap();
