@@ -6,9 +6,9 @@
 //! (in [`crate::openai`]), then whether the deployment takes the modality at all, then
 //! `media.max_items`, then where the bytes come from (`data:` URI, or `http(s)://` when
 //! `media.fetch_urls` is on, reaching public addresses only unless
-//! `media.fetch_private_addresses` is on), then sizes and decoding. Decoding runs on tokio's blocking pool, off
-//! the executor threads that serve every other request, and a decoder that panics on hostile
-//! input fails only its own request.
+//! `media.fetch_private_addresses` is on), then sizes and decoding. Decoding runs on tokio's
+//! blocking pool, off the executor threads that serve every other request, and a decoder that
+//! panics on hostile input fails only its own request.
 
 mod audio;
 mod fetch;

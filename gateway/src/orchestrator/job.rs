@@ -53,11 +53,9 @@ pub(super) struct JobRun {
     routed: bool,
     /// Mixture-of-Thoughts exchange, when the router selected collaborating experts.
     mot: Option<route::MotExchange>,
-    /// Stage index → what it was given, while it runs in a worker process and has produced
-    /// nothing (see [`retry`]).
+    /// Stage index → what it was given, while it runs in a worker process, has produced nothing
+    /// and was not retried yet (see [`retry`]).
     attempts: HashMap<usize, retry::Attempt>,
-    /// Stages this job was already retried at.
-    retried: BTreeSet<usize>,
 }
 
 impl JobRun {
@@ -89,7 +87,6 @@ impl JobRun {
             routed: false,
             mot: None,
             attempts: HashMap::new(),
-            retried: BTreeSet::new(),
         }
     }
 
@@ -138,16 +135,16 @@ impl JobRun {
     ) -> Result<(), JobError> {
         self.trace.submitted(self.orch.stages[s].id());
         let client_facing = self.plan.output_stage.values().any(|o| *o == s);
-        // Kept for a retry where the stage runs in workers (in-process replicas never vanish).
-        let attempt = self.orch.stages[s]
-            .has_workers()
-            .then(|| retry::Attempt::new(upstream.clone(), streaming));
         let input = StageInput {
             request: self.request.clone(),
             upstream,
             client_facing,
             streaming,
         };
+        // Kept for a retry where the stage runs in workers (in-process replicas never vanish).
+        let attempt = self.orch.stages[s]
+            .has_workers()
+            .then(|| retry::Attempt::new(input.clone()));
         let replica = self.orch.stages[s]
             .submit(self.request.id, input)
             .map_err(|e| match e {
@@ -289,7 +286,7 @@ impl JobRun {
                     .all(|o| self.done.contains(o));
                 Ok(complete)
             }
-            StageEvent::Failed(EngineError::Unavailable(why)) => {
+            StageEvent::Failed(EngineError::Unavailable(why)) if self.may_retry(s) => {
                 self.active.remove(&s);
                 self.retry_unavailable(s, why)?;
                 Ok(false)

@@ -12,17 +12,15 @@ use omnistage_stages::{Payload, StageInput};
 /// the job can be resubmitted elsewhere. Payloads share their buffers (`Arc`), so keeping them
 /// costs no copies.
 pub(super) struct Attempt {
-    upstream: Vec<Payload>,
-    streaming: bool,
+    input: StageInput,
     /// Chunks fed on a streamed inbound edge since the start, and whether each was the last.
     fed: Vec<(Vec<Payload>, bool)>,
 }
 
 impl Attempt {
-    pub fn new(upstream: Vec<Payload>, streaming: bool) -> Self {
+    pub fn new(input: StageInput) -> Self {
         Self {
-            upstream,
-            streaming,
+            input,
             fed: Vec::new(),
         }
     }
@@ -41,25 +39,23 @@ impl JobRun {
         self.attempts.remove(&s);
     }
 
-    /// Stage `s`'s replica became unavailable (`why`). Resubmits the job there once, to whichever
-    /// replica takes it, when the stage had produced nothing for it and no Mixture-of-Thoughts
-    /// exchange depends on its position; otherwise the job fails as unavailable.
+    /// Whether the job may be resubmitted at stage `s` when its replica becomes unavailable: the
+    /// stage runs in workers, produced nothing for the job and was not retried yet, and no
+    /// Mixture-of-Thoughts exchange depends on its position.
+    pub(super) fn may_retry(&self, s: usize) -> bool {
+        self.mot.is_none() && self.attempts.contains_key(&s)
+    }
+
+    /// Stage `s`'s replica became unavailable (`why`) and [`JobRun::may_retry`]: resubmits the
+    /// job there, to whichever replica takes it; the job fails as unavailable when none does.
+    /// The retry is not kept as an attempt, so losing it too fails the job.
     pub(super) fn retry_unavailable(&mut self, s: usize, why: String) -> Result<(), JobError> {
         let stage = self.stage_name(s);
-        let attempt = self.attempts.remove(&s);
-        let Some(attempt) = attempt.filter(|_| self.mot.is_none() && self.retried.insert(s)) else {
-            return Err(JobError::Unavailable {
-                stage,
-                message: why,
-            });
-        };
-        let input = StageInput {
-            request: self.request.clone(),
-            upstream: attempt.upstream.clone(),
-            client_facing: self.plan.output_stage.values().any(|o| *o == s),
-            streaming: attempt.streaming,
-        };
-        let Ok(replica) = self.orch.stages[s].submit(self.request.id, input) else {
+        let submitted = self
+            .attempts
+            .remove(&s)
+            .map(|a| (self.orch.stages[s].submit(self.request.id, a.input), a.fed));
+        let Some((Ok(replica), fed)) = submitted else {
             // No other replica takes it (none left, or all full): the original failure stands.
             return Err(JobError::Unavailable {
                 stage,
@@ -71,10 +67,9 @@ impl JobRun {
         self.trace.submitted(&stage);
         self.orch.observer.retried(&stage);
         self.active.insert(s, replica);
-        for (more, last) in &attempt.fed {
-            self.orch.stages[s].feed(replica, self.request.id, more.clone(), *last);
+        for (more, last) in fed {
+            self.orch.stages[s].feed(replica, self.request.id, more, last);
         }
-        self.attempts.insert(s, attempt);
         Ok(())
     }
 }
